@@ -1,0 +1,134 @@
+"""The encoder plugin contract (API version 1) and plugin discovery.
+
+An encoder turns one modality's raw input into a fixed-size float32 vector. Plugins are classes
+registered in the setuptools entry-point group ``affective_trm_ros.encoders``::
+
+    # setup.py of a third-party package
+    entry_points={'affective_trm_ros.encoders': ['my_face = my_pkg.encoders:MyFaceEncoder']}
+
+The entry-point name is the plugin id used in node parameters, training configs and checkpoints.
+A plugin subclasses :class:`Encoder`, sets the class attributes and implements ``_encode_batch``.
+Nodes, offline feature preparation and replay all call the same ``encode_batch``, which is what
+keeps training and serving features identical.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Optional, Sequence
+
+import numpy as np
+
+from ..device import resolve_device
+
+ENTRY_POINT_GROUP = 'affective_trm_ros.encoders'
+ENCODER_API_VERSION = 1
+
+# What each input kind means; an encoder declares one of them as `input_kind`.
+INPUT_KINDS = {
+    'rgb_image': 'HxWx3 uint8 RGB frame (full camera image; the encoder finds the face itself)',
+    'waveform': 'float32 mono waveform in [-1, 1] at the encoder sample_rate',
+    'text': 'str, one utterance',
+}
+
+UNTRAINED = 'untrained'
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weight file is missing; the message names the file, where it was looked for and the fix."""
+
+
+@dataclass
+class EncodeResult:
+    """Output of encode_batch: one row per input."""
+
+    embeddings: np.ndarray  # float32, shape (N, dim); rows of invalid inputs are zeros
+    valid: np.ndarray       # bool, shape (N,): False when the input held nothing to encode
+    extras: Optional[dict] = None  # optional per-row side outputs, e.g. {'valence_arousal': (N, 2)}
+
+
+class Encoder(abc.ABC):
+    """Base class of all encoder plugins.
+
+    Subclasses set ``modality``, ``input_kind`` and ``dim`` (class attribute or instance attribute
+    set in ``__init__``), load their weights in ``__init__`` and implement ``_encode_batch``.
+
+    Constructor contract: ``__init__(device='auto', weights=None, allow_untrained=False, **options)``
+
+    * ``weights``: explicit path to a weight file/directory; None = look in the weights cache.
+    * ``allow_untrained``: explicit opt-in to run with random weights when none are found; the
+      encoder then reports ``weights_identity == 'untrained'`` so every output says so.
+      Without it a missing file raises :class:`WeightsNotFoundError`.
+    """
+
+    api_version: ClassVar[int] = ENCODER_API_VERSION
+    modality: ClassVar[str]
+    input_kind: ClassVar[str]
+    dim: int
+    sample_rate: ClassVar[Optional[int]] = None  # waveform encoders: expected rate in Hz
+
+    def __init__(self, device: str = 'auto', weights: Optional[str] = None,
+                 allow_untrained: bool = False, **options: Any) -> None:
+        self.device = resolve_device(device)
+        self.weights_path = weights
+        self.allow_untrained = allow_untrained
+        self.options = options
+        self.weights_identity = UNTRAINED
+        self.plugin_id = type(self).__name__
+
+    @property
+    def identity(self) -> str:
+        """'<plugin id>@<weights identity>': what ModalityEmbedding.encoder carries."""
+        return f'{self.plugin_id}@{self.weights_identity}'
+
+    @property
+    def untrained(self) -> bool:
+        return self.weights_identity == UNTRAINED
+
+    def encode_batch(self, inputs: Sequence[Any]) -> EncodeResult:
+        """Encode a batch; batch and one-by-one calls give the same numbers."""
+        if len(inputs) == 0:
+            return EncodeResult(np.zeros((0, self.dim), np.float32), np.zeros(0, bool))
+        result = self._encode_batch(list(inputs))
+        if result.embeddings.shape != (len(inputs), self.dim):
+            raise RuntimeError(f'{self.identity} returned shape {result.embeddings.shape}, '
+                               f'expected {(len(inputs), self.dim)}')
+        return result
+
+    def encode(self, item: Any) -> tuple[np.ndarray, bool]:
+        """Encode one input: (vector of shape (dim,), valid)."""
+        result = self.encode_batch([item])
+        return result.embeddings[0], bool(result.valid[0])
+
+    @abc.abstractmethod
+    def _encode_batch(self, inputs: list) -> EncodeResult:
+        """Encode a non-empty batch of inputs of this encoder's input_kind."""
+
+
+def available_encoders() -> dict:
+    """Plugin id -> entry point, for every installed encoder plugin."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def encoder_class(plugin_id: str) -> type:
+    """The class registered under ``plugin_id``; a clear error lists the installed ones."""
+    plugins = available_encoders()
+    if plugin_id not in plugins:
+        raise KeyError(f"unknown encoder plugin '{plugin_id}'; installed: {sorted(plugins) or 'none'} "
+                       f"(entry-point group '{ENTRY_POINT_GROUP}')")
+    cls = plugins[plugin_id].load()
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+        raise TypeError(f"encoder plugin '{plugin_id}' ({plugins[plugin_id].value}) is not an Encoder subclass")
+    if cls.api_version != ENCODER_API_VERSION:
+        raise TypeError(f"encoder plugin '{plugin_id}' implements encoder API v{cls.api_version}; "
+                        f"this suite speaks v{ENCODER_API_VERSION}")
+    return cls
+
+
+def load_encoder(plugin_id: str, **kwargs: Any) -> Encoder:
+    """Instantiate the plugin registered under ``plugin_id`` with the constructor contract's kwargs."""
+    encoder = encoder_class(plugin_id)(**kwargs)
+    encoder.plugin_id = plugin_id
+    return encoder

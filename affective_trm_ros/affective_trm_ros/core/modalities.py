@@ -1,0 +1,25 @@
+"""Modality names, their order in the fused feature vector and their bits in ValenceArousal.modalities."""
+
+VIDEO = 'video'
+AUDIO = 'audio'
+TEXT = 'text'
+
+# Order of the blocks in the fused input vector. [audio | video | text] is the order the seed
+# checkpoint was trained with; keeping it lets the seed-compatible mode load that checkpoint.
+FEATURE_ORDER = (AUDIO, VIDEO, TEXT)
+
+# Bit values of affective_msgs/ValenceArousal.modalities (mirrors the MODALITY_* constants there).
+MODALITY_BITS = {VIDEO: 1, AUDIO: 2, TEXT: 4}
+
+# Default encoder plugin per modality (entry-point names in the 'affective_trm_ros.encoders' group).
+DEFAULT_ENCODERS = {VIDEO: 'hsemotion_enet_b0', AUDIO: 'dasheng_base', TEXT: 'embeddinggemma'}
+
+
+def mask_to_bits(present: dict) -> int:
+    """{'video': True, 'audio': False, ...} -> bitmask of the present modalities."""
+    return sum(bit for name, bit in MODALITY_BITS.items() if present.get(name))
+
+
+def bits_to_names(bits: int) -> list:
+    """Bitmask -> present modality names in FEATURE_ORDER."""
+    return [name for name in FEATURE_ORDER if bits & MODALITY_BITS[name]]
