@@ -23,7 +23,6 @@ setup(
     description='Continuous valence/arousal estimation for robots: encoder nodes, a stateful '
                 'Tiny Recursive Model fusion node, training and rosbag evaluation.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'affective-trm = affective_trm_ros.cli:main',

