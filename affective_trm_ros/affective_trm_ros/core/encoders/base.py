@@ -41,6 +41,10 @@ class WeightsNotFoundError(FileNotFoundError):
     """A weight file is missing; the message names the file, where it was looked for and the fix."""
 
 
+class WeightsFormatError(ValueError):
+    """A weight file does not hold what the encoder expects; the message says what differs."""
+
+
 @dataclass
 class EncodeResult:
     """Output of encode_batch: one row per input."""

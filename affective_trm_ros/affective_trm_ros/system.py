@@ -1,0 +1,288 @@
+"""The node set of the suite and how it is configured -- shared by the launch files and `affective-trm run`.
+
+One table (:data:`NODES`) says, for every node, its executable, its class, its parameter file and
+which input topics it takes; :func:`node_parameters` turns the launch arguments into the same
+parameter files plus overrides for both ways of starting the system, so ``ros2 launch`` and the
+one-process runner cannot drift apart. No rclpy and no ``launch`` import here; the launch
+builders at the bottom import ``launch``/``launch_ros`` only when called.
+
+Parameter layering, lowest first: the node's own file ``config/<node>.yaml`` (every parameter,
+commented), then the system file (default ``config/affective_trm.yaml``), then the arguments
+(checkpoint, device, modalities, topics, use_sim_time).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+
+PACKAGE = 'affective_trm_ros'
+SYSTEM_CONFIG = 'affective_trm.yaml'
+#: Input-topic arguments (launch arguments and `affective-trm run` options) and their defaults.
+TOPIC_ARGUMENTS = {
+    'image_topic': ('image_raw', 'camera sensor_msgs/Image topic (its /compressed topic is used too)'),
+    'audio_topic': ('audio', 'audio_common_msgs/AudioDataStamped topic'),
+    'audio_info_topic': ('audio_info', 'audio_common_msgs/AudioInfo topic'),
+    'speech_topic': ('speech', 'std_msgs/String topic of recognised speech'),
+}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of the suite."""
+
+    name: str                      # node name = console script = config/<name>.yaml
+    module: str                    # under affective_trm_ros.nodes
+    class_name: str
+    modality: Optional[str] = None  # encoders: the modality they produce
+    #: topic argument -> the node's parameter(s) it sets, with a suffix appended
+    topic_parameters: dict = field(default_factory=dict)
+    #: the node has a 'device' parameter
+    has_device: bool = True
+
+    @property
+    def executable(self) -> str:
+        return self.name
+
+    @property
+    def config_file(self) -> str:
+        return f'{self.name}.yaml'
+
+    def node_class(self) -> type:
+        """The rclpy Node subclass (imports rclpy and the node's dependencies)."""
+        module = importlib.import_module(f'{PACKAGE}.nodes.{self.module}')
+        return getattr(module, self.class_name)
+
+
+NODES = (
+    NodeSpec('video_encoder', 'video_encoder_node', 'VideoEncoderNode', VIDEO,
+             {'image_topic': (('image_topic', ''), ('compressed_topic', '/compressed'))}),
+    NodeSpec('audio_encoder', 'audio_encoder_node', 'AudioEncoderNode', AUDIO,
+             {'audio_topic': (('audio_topic', ''),), 'audio_info_topic': (('audio_info_topic', ''),)}),
+    NodeSpec('text_encoder', 'text_encoder_node', 'TextEncoderNode', TEXT,
+             {'speech_topic': (('speech_topic', ''),)}),
+    NodeSpec('fusion', 'fusion_node', 'FusionNode'),
+    NodeSpec('visualizer', 'visualizer_node', 'VisualizerNode',
+             topic_parameters={'image_topic': (('image_topic', ''),)}, has_device=False),
+)
+NODES_BY_NAME = {spec.name: spec for spec in NODES}
+#: Short names accepted wherever node names are (`--only video,fusion`).
+ALIASES = {VIDEO: 'video_encoder', AUDIO: 'audio_encoder', TEXT: 'text_encoder'}
+
+
+def config_dir() -> Path:
+    """The installed ``share/affective_trm_ros/config`` when the package is in the ament index, else the
+    source tree's ``config/``."""
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            installed = Path(get_package_share_directory(PACKAGE)) / 'config'
+            if installed.is_dir():
+                return installed
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    return Path(__file__).resolve().parents[1] / 'config'
+
+
+def parse_list(value, what: str, allowed) -> list:
+    """'a,b' or ['a', 'b'] -> ['a', 'b'], every entry in ``allowed``, no repeats."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(' ', '').split(',')
+    items = [str(item).strip() for item in items if str(item).strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown:
+        raise ValueError(f'unknown {what} {unknown}; expected some of {list(allowed)}')
+    if len(set(items)) != len(items):
+        raise ValueError(f'{what} listed twice: {items}')
+    return items
+
+
+def parse_modalities(value) -> list:
+    """Modalities to run: 'video,audio,text' -> ['video', 'audio', 'text'] (video is required)."""
+    modalities = parse_list(value, 'modalities', FEATURE_ORDER)
+    if VIDEO not in modalities:
+        raise ValueError(f'modalities {modalities} must include video: the fusion is clocked by video')
+    return modalities
+
+
+def select_nodes(modalities, visualizer: bool = False, only=None) -> list:
+    """The NodeSpecs to start: the encoders of ``modalities``, fusion, and the visualizer if asked.
+
+    ``only`` (node names or the aliases video/audio/text) picks exactly those nodes instead, e.g.
+    to run the fusion alone against encoders running elsewhere.
+    """
+    modalities = parse_modalities(modalities)
+    if only:
+        names = [ALIASES.get(name, name)
+                 for name in parse_list(only, 'nodes', list(NODES_BY_NAME) + list(ALIASES))]
+        return [spec for spec in NODES if spec.name in names]
+    wanted = {'fusion'} | ({'visualizer'} if visualizer else set())
+    return [spec for spec in NODES if spec.modality in modalities or spec.name in wanted]
+
+
+def parameter_files(spec: NodeSpec, system_config=None, directory: Optional[Path] = None) -> list:
+    """The parameter files of a node, lowest precedence first (missing per-node files are skipped)."""
+    directory = Path(directory) if directory is not None else config_dir()
+    files = []
+    own = directory / spec.config_file
+    if own.is_file():
+        files.append(own)
+    if system_config:
+        system_config = Path(system_config)
+        if not system_config.is_file():
+            raise FileNotFoundError(f'parameter file not found: {system_config}')
+        files.append(system_config)
+    return files
+
+
+def parameter_overrides(spec: NodeSpec, *, modalities=None, checkpoint: str = '', device: str = '',
+                        use_sim_time: Optional[bool] = None, topics: Optional[dict] = None) -> dict:
+    """Parameters the arguments set on one node (empty arguments leave the files' values)."""
+    overrides = {}
+    if use_sim_time is not None:
+        overrides['use_sim_time'] = bool(use_sim_time)
+    if device and spec.has_device:
+        overrides['device'] = device
+    if spec.name == 'fusion':
+        if checkpoint:
+            overrides['checkpoint'] = str(checkpoint)
+        if modalities is not None:
+            overrides['modalities'] = parse_modalities(modalities)
+    for argument, value in (topics or {}).items():
+        if argument not in TOPIC_ARGUMENTS:
+            raise ValueError(f'unknown topic argument {argument!r}; expected one of {list(TOPIC_ARGUMENTS)}')
+        if value:
+            for parameter, suffix in spec.topic_parameters.get(argument, ()):
+                overrides[parameter] = f'{value}{suffix}'
+    return overrides
+
+
+def parse_bool(value) -> bool:
+    """Launch-argument truth: true/false, 1/0, yes/no, on/off (any case)."""
+    text = str(value).strip().lower()
+    if text in ('true', '1', 'yes', 'on'):
+        return True
+    if text in ('false', '0', 'no', 'off', ''):
+        return False
+    raise ValueError(f"expected true or false, got '{value}'")
+
+
+# ---------------------------------------------------------------- launch builders (ros2 launch only)
+
+#: Launch arguments shared by every launch file: name -> (default, description).
+COMMON_ARGUMENTS = {
+    'namespace': ('', 'namespace of every node (e.g. robot1)'),
+    'use_sim_time': ('false', 'use /clock (bag replay)'),
+    'device': ('', "device of the encoders and fusion: auto, cpu, cuda, cuda:N ('' = from the config)"),
+    'log_level': ('info', 'ROS log level of the nodes'),
+}
+SYSTEM_ARGUMENTS = {
+    'config': ('', f"system parameter file applied over config/<node>.yaml ('' = config/{SYSTEM_CONFIG})"),
+    'checkpoint': ('', "fusion checkpoint file ('' = from the config)"),
+    'modalities': ('video,audio,text', 'modalities to run: encoders started and fused (video required)'),
+    'visualizer': ('false', 'also start the visualizer (affect/visualization image)'),
+    **{name: ('', f"{help_text} ('' = from the config)") for name, (_, help_text) in TOPIC_ARGUMENTS.items()},
+}
+
+
+def _declare(arguments: dict) -> list:
+    from launch.actions import DeclareLaunchArgument
+    return [DeclareLaunchArgument(name, default_value=default, description=description)
+            for name, (default, description) in arguments.items()]
+
+
+def _ros_node(spec: NodeSpec, values: dict, files: list, overrides: dict):
+    """A launch_ros Node for ``spec`` with parameter ``files`` (lowest first) and ``overrides`` on top."""
+    from launch_ros.actions import Node
+    parameters = [str(path) for path in files] + ([overrides] if overrides else [])
+    return Node(package=PACKAGE, executable=spec.executable, name=spec.name, namespace=values['namespace'],
+                parameters=parameters, output='screen', emulate_tty=True,
+                arguments=['--ros-args', '--log-level', values['log_level']])
+
+
+def _system_nodes(context, force_sim_time: bool = False) -> list:
+    """OpaqueFunction body: the nodes of affective_trm.launch.py from the evaluated arguments."""
+    values = {name: context.launch_configurations.get(name, default)
+              for name, (default, _) in {**COMMON_ARGUMENTS, **SYSTEM_ARGUMENTS}.items()}
+    system_config = values['config'] or str(config_dir() / SYSTEM_CONFIG)
+    modalities = parse_modalities(values['modalities'])
+    topics = {name: values[name] for name in TOPIC_ARGUMENTS}
+    sim = True if force_sim_time else parse_bool(values['use_sim_time'])
+    actions = []
+    for spec in select_nodes(modalities, visualizer=parse_bool(values['visualizer'])):
+        overrides = parameter_overrides(spec, modalities=modalities, checkpoint=values['checkpoint'],
+                                        device=values['device'], use_sim_time=sim, topics=topics)
+        actions.append(_ros_node(spec, values, parameter_files(spec, system_config), overrides))
+    return actions
+
+
+def system_launch_description():
+    """affective_trm.launch.py: the encoders of the chosen modalities, fusion, optionally the visualizer."""
+    from launch import LaunchDescription
+    from launch.actions import OpaqueFunction
+    return LaunchDescription(_declare({**COMMON_ARGUMENTS, **SYSTEM_ARGUMENTS})
+                             + [OpaqueFunction(function=_system_nodes)])
+
+
+def node_launch_description(name: str):
+    """<node>.launch.py: one node with its own parameter file (``config`` argument) and overrides."""
+    from launch import LaunchDescription
+    from launch.actions import OpaqueFunction
+
+    spec = NODES_BY_NAME[name]
+    arguments = dict(COMMON_ARGUMENTS)
+    arguments['config'] = (str(config_dir() / spec.config_file), 'parameter file of this node')
+    if spec.name == 'fusion':
+        arguments['checkpoint'] = SYSTEM_ARGUMENTS['checkpoint']
+        arguments['modalities'] = ('', "modalities to fuse ('' = from the config)")
+    for topic in spec.topic_parameters:
+        arguments[topic] = SYSTEM_ARGUMENTS[topic]
+    if not spec.has_device:
+        del arguments['device']
+
+    def nodes(context):
+        values = {n: context.launch_configurations.get(n, default) for n, (default, _) in arguments.items()}
+        overrides = parameter_overrides(
+            spec, modalities=values.get('modalities') or None, checkpoint=values.get('checkpoint', ''),
+            device=values.get('device', ''), use_sim_time=parse_bool(values['use_sim_time']),
+            topics={t: values[t] for t in spec.topic_parameters})
+        return [_ros_node(spec, values, [values['config']], overrides)]
+
+    return LaunchDescription(_declare(arguments) + [OpaqueFunction(function=nodes)])
+
+
+REPLAY_ARGUMENTS = {
+    'bag': ('', 'rosbag2 directory to play (ros2 bag play --clock); empty = start the nodes only'),
+    'rate': ('1.0', 'playback rate'),
+    'start_delay_s': ('5.0', 'seconds between starting the nodes and starting playback (model loading)'),
+    'record': ('', 'output bag directory recording affect/valence_arousal; empty = no recording'),
+}
+
+
+def replay_launch_description():
+    """replay.launch.py: the system on simulated time, ``ros2 bag play --clock``, optional recording."""
+    from launch import LaunchDescription
+    from launch.actions import ExecuteProcess, OpaqueFunction, TimerAction
+
+    def actions(context):
+        values = {n: context.launch_configurations.get(n, d) for n, (d, _) in REPLAY_ARGUMENTS.items()}
+        namespace = context.launch_configurations.get('namespace', '')
+        result = _system_nodes(context, force_sim_time=True)
+        if values['record']:
+            topic = '/' + '/'.join(p for p in (namespace.strip('/'), 'affect/valence_arousal') if p)
+            record = ['ros2', 'bag', 'record', '--use-sim-time', '-o', values['record'], topic]
+            result.append(ExecuteProcess(cmd=record, output='screen'))
+        if values['bag']:
+            play = ExecuteProcess(cmd=['ros2', 'bag', 'play', values['bag'], '--clock', '100',
+                                       '--rate', values['rate']], output='screen')
+            result.append(TimerAction(period=float(values['start_delay_s']), actions=[play]))
+        return result
+
+    arguments = {**COMMON_ARGUMENTS, **SYSTEM_ARGUMENTS, **REPLAY_ARGUMENTS}
+    arguments['use_sim_time'] = ('true', 'always true in replay (kept for symmetry)')
+    return LaunchDescription(_declare(arguments) + [OpaqueFunction(function=actions)])

@@ -1,0 +1,160 @@
+"""Batches of padded sequences from a feature store, input statistics, and modality dropout.
+
+A batch stacks B sessions (or windows of them) padded to the longest: ``x`` (B, T, D) raw
+features, ``mask`` (B, T, M) modality presence, ``labels`` (B, T, 2) with NaN where unlabelled
+and ``valid`` (B, T) marking real (non-padding) frames. Padding frames have every modality masked
+and no label, so they contribute neither to the loss nor to the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..core.trm import MIN_FEATURE_STD
+
+# Sessions are sorted by length inside pools of this many batches, so batches pad little while
+# their order stays random.
+LENGTH_POOL_BATCHES = 8
+# Keep every session of a split in memory when their features take less than this.
+DEFAULT_MEMORY_BUDGET_BYTES = 4 * 1024 ** 3
+
+
+@dataclass
+class Batch:
+    ids: list
+    x: torch.Tensor        # (B, T, D) float32
+    mask: torch.Tensor     # (B, T, M) bool
+    labels: torch.Tensor   # (B, T, 2) float32, NaN = unlabelled
+    valid: torch.Tensor    # (B, T) bool
+    lengths: list
+
+    def to(self, device) -> Batch:
+        return Batch(self.ids, self.x.to(device), self.mask.to(device), self.labels.to(device),
+                     self.valid.to(device), self.lengths)
+
+    def window(self, start: int, stop: int) -> Batch:
+        return Batch(self.ids, self.x[:, start:stop], self.mask[:, start:stop],
+                     self.labels[:, start:stop], self.valid[:, start:stop],
+                     [max(0, min(length, stop) - start) for length in self.lengths])
+
+
+class SessionSource:
+    """Sessions of one split, held in memory when they fit ``memory_budget`` bytes, else read on demand."""
+
+    def __init__(self, store, session_ids: Sequence[str],
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
+        self.store = store
+        self.ids = list(session_ids)
+        self.lengths = {sid: store.num_frames(sid) for sid in self.ids}
+        needed = sum(self.lengths.values()) * store.input_dim * 4
+        self._cache: Optional[dict] = {} if needed <= memory_budget else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def arrays(self, session_id: str) -> tuple:
+        """(inputs (T, D) float32, mask (T, M) bool, labels (T, 2) float32, timestamps (T,))."""
+        if self._cache is not None and session_id in self._cache:
+            return self._cache[session_id]
+        session = self.store.load(session_id)
+        item = (session.inputs(), session.mask.astype(bool), session.labels.astype(np.float32),
+                session.timestamps)
+        if self._cache is not None:
+            self._cache[session_id] = item
+        return item
+
+    def total_frames(self) -> int:
+        return sum(self.lengths.values())
+
+    def labelled_frames(self) -> int:
+        return sum(int(np.sum(np.all(np.isfinite(self.arrays(sid)[2]), axis=1))) for sid in self.ids)
+
+
+def collate(source: SessionSource, session_ids: Sequence[str],
+            crops: Optional[dict] = None) -> Batch:
+    """Pad sessions into one Batch; ``crops`` maps a session id to a (start, stop) frame range."""
+    items = []
+    for sid in session_ids:
+        inputs, mask, labels, _ = source.arrays(sid)
+        if crops and sid in crops:
+            start, stop = crops[sid]
+            inputs, mask, labels = inputs[start:stop], mask[start:stop], labels[start:stop]
+        items.append((inputs, mask, labels))
+    lengths = [item[0].shape[0] for item in items]
+    batch, longest = len(items), max(lengths)
+    dim, modalities = items[0][0].shape[1], items[0][1].shape[1]
+    x = np.zeros((batch, longest, dim), np.float32)
+    mask = np.zeros((batch, longest, modalities), bool)
+    labels = np.full((batch, longest, 2), np.nan, np.float32)
+    valid = np.zeros((batch, longest), bool)
+    for row, (inputs, m, lab) in enumerate(items):
+        n = inputs.shape[0]
+        x[row, :n], mask[row, :n], labels[row, :n], valid[row, :n] = inputs, m, lab, True
+    return Batch(list(session_ids), torch.from_numpy(x), torch.from_numpy(mask),
+                 torch.from_numpy(labels), torch.from_numpy(valid), lengths)
+
+
+def batches_by_length(session_ids: Sequence[str], lengths: dict, batch_size: int,
+                      rng: Optional[np.random.Generator]) -> list:
+    """Group sessions into batches of similar length; random order when ``rng`` is given."""
+    ids = list(session_ids)
+    if rng is not None:
+        ids = [ids[i] for i in rng.permutation(len(ids))]
+    pool = max(batch_size * LENGTH_POOL_BATCHES, batch_size)
+    batches = []
+    for start in range(0, len(ids), pool):
+        chunk = sorted(ids[start:start + pool], key=lambda sid: lengths[sid])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def input_statistics(source: SessionSource, block_bounds: Sequence[tuple]) -> tuple:
+    """Per-feature mean and std over the frames where the feature's modality is present.
+
+    Masked frames hold zeros that mean "absent", so they are left out of the statistics. A
+    feature never present gets mean 0 and std 1.
+    """
+    dim = block_bounds[-1][1]
+    total = np.zeros(dim, np.float64)
+    total_sq = np.zeros(dim, np.float64)
+    count = np.zeros(dim, np.float64)
+    for sid in source.ids:
+        inputs, mask, _, _ = source.arrays(sid)
+        for column, (lo, hi) in enumerate(block_bounds):
+            rows = inputs[mask[:, column], lo:hi].astype(np.float64)
+            total[lo:hi] += rows.sum(axis=0)
+            total_sq[lo:hi] += np.square(rows).sum(axis=0)
+            count[lo:hi] += rows.shape[0]
+    safe = np.maximum(count, 1.0)
+    mean = np.where(count > 0, total / safe, 0.0)
+    var = np.where(count > 0, total_sq / safe - mean ** 2, 1.0)
+    std = np.sqrt(np.maximum(var, 0.0))
+    std = np.where(std < MIN_FEATURE_STD, 1.0, std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def modality_dropout(mask: torch.Tensor, valid: torch.Tensor, probability: float,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Hide whole modalities of whole windows at random (per stream and modality), in place of a copy.
+
+    ``mask`` (B, T, M); each (stream, modality) pair is dropped for the window with ``probability``.
+    At least one modality that was present stays present in every stream, so a window never
+    becomes entirely blind because of the augmentation.
+    """
+    if probability <= 0.0:
+        return mask
+    batch, _, modalities = mask.shape
+    drop = torch.rand((batch, modalities), generator=generator, device='cpu') < probability
+    drop = drop.to(mask.device)
+    present = mask.any(dim=1)                                   # (B, M) present somewhere in the window
+    kept = present & ~drop
+    # Streams that would lose every present modality keep them all.
+    keep_all = ~kept.any(dim=1, keepdim=True) & present.any(dim=1, keepdim=True)
+    drop = drop & ~keep_all
+    return mask & ~drop.unsqueeze(1)

@@ -1,0 +1,87 @@
+"""Training loss: ``ccc_weight · (1 − CCC) + mse_weight · MSE``, averaged over valence and arousal.
+
+CCC is computed per dimension over all supervised frames of the batch at once (every labelled
+frame of every sequence in the window), with population moments, exactly like
+:func:`affective_trm_ros.core.metrics.ccc`. Padding and unlabelled frames are excluded through a
+mask; NaN labels count as unlabelled. The loss is differentiable with respect to the predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Keeps the CCC denominator away from 0 when a batch window has constant labels and predictions.
+CCC_EPS = 1e-8
+
+
+@dataclass
+class LossParts:
+    """The loss and the numbers it was made of (detached floats are for logging)."""
+
+    loss: torch.Tensor        # scalar, differentiable
+    ccc: torch.Tensor         # (2,) CCC per dimension (detached)
+    mse: torch.Tensor         # (2,) MSE per dimension (detached)
+    frames: int               # supervised frames in the batch (both dimensions together, max)
+
+
+def masked_ccc(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CCC per last-axis dimension over all positions where ``mask`` is True.
+
+    ``pred``/``true``: (..., K); ``mask``: (..., K) bool (or broadcastable to it). Returns (K,).
+    Dimensions without any supervised position give CCC 0 (and no gradient).
+    """
+    mask = mask.expand_as(true)
+    weight = mask.to(pred.dtype)
+    count = weight.sum(dim=tuple(range(weight.dim() - 1)))                    # (K,)
+    safe_count = count.clamp(min=1.0)
+    true = torch.where(mask, true, torch.zeros_like(true))                      # NaN labels -> 0, masked out
+    reduce_dims = tuple(range(pred.dim() - 1))
+    mean_p = (pred * weight).sum(dim=reduce_dims) / safe_count
+    mean_t = (true * weight).sum(dim=reduce_dims) / safe_count
+    dp = (pred - mean_p) * weight
+    dt = (true - mean_t) * weight
+    var_p = (dp * dp).sum(dim=reduce_dims) / safe_count
+    var_t = (dt * dt).sum(dim=reduce_dims) / safe_count
+    cov = (dp * dt).sum(dim=reduce_dims) / safe_count
+    value = 2.0 * cov / (var_p + var_t + (mean_p - mean_t) ** 2 + CCC_EPS)
+    return torch.where(count > 0, value, torch.zeros_like(value))
+
+
+class CCCMSELoss(torch.nn.Module):
+    """``ccc_weight · mean_k(1 − CCC_k) + mse_weight · mean_k(MSE_k)`` over supervised frames.
+
+    ``forward(pred (B, T, 2), labels (B, T, 2) with NaN = unlabelled, frame_mask (B, T) bool or None)``.
+    ``frame_mask`` marks real (non-padding) frames; a frame is supervised in dimension k when it is
+    real and its label k is finite.
+    """
+
+    def __init__(self, ccc_weight: float = 1.0, mse_weight: float = 0.25) -> None:
+        super().__init__()
+        if ccc_weight < 0 or mse_weight < 0 or ccc_weight + mse_weight == 0:
+            raise ValueError(f'loss weights must be >= 0 and not both 0 (ccc {ccc_weight}, mse {mse_weight})')
+        self.ccc_weight = float(ccc_weight)
+        self.mse_weight = float(mse_weight)
+
+    def forward(self, pred: torch.Tensor, labels: torch.Tensor,
+                frame_mask: torch.Tensor | None = None) -> LossParts:
+        if pred.shape != labels.shape:
+            raise ValueError(f'prediction {tuple(pred.shape)} and labels {tuple(labels.shape)} differ in shape')
+        pred = pred.float()
+        labels = labels.float()
+        supervised = torch.isfinite(labels)
+        if frame_mask is not None:
+            supervised = supervised & frame_mask.bool().unsqueeze(-1)
+        ccc_k = masked_ccc(pred, labels, supervised)
+        weight = supervised.to(pred.dtype)
+        reduce_dims = tuple(range(pred.dim() - 1))
+        count = weight.sum(dim=reduce_dims)
+        clean = torch.where(supervised, labels, torch.zeros_like(labels))
+        mse_k = (((pred - clean) ** 2) * weight).sum(dim=reduce_dims) / count.clamp(min=1.0)
+        has = count > 0
+        if not bool(has.any()):
+            zero = pred.sum() * 0.0  # keeps the graph; nothing to learn from this window
+            return LossParts(zero, ccc_k.detach(), mse_k.detach(), 0)
+        loss = (self.ccc_weight * (1.0 - ccc_k[has]).mean() + self.mse_weight * mse_k[has].mean())
+        return LossParts(loss, ccc_k.detach(), mse_k.detach(), int(count.max().item()))

@@ -1,0 +1,525 @@
+"""Seeded sample sessions: rosbag2 (MCAP) recordings of a scripted affect trajectory.
+
+Each session holds, at realistic rates and stamps:
+
+* ``/image_raw`` (sensor_msgs/Image rgb8, 30 FPS, 640x480): the face photograph that scikit-image
+  ships (``skimage.data.astronaut()``), animated so that its appearance follows the script —
+  mouth corners curve up or down with valence, eyes open and brows rise with arousal, the head
+  moves more with arousal and droops with negative valence, lighting drifts — with stretches
+  where the face leaves the frame;
+* ``/audio`` (audio_common_msgs/AudioDataStamped, 16 kHz S16LE mono, 1024-sample chunks) and a
+  latched ``/audio_info``: speech synthesised by ``espeak-ng`` whose rate, pitch and loudness
+  follow arousal, with silences between utterances and a faint room tone;
+* ``/speech`` (std_msgs/String): each spoken sentence, published when the utterance ends (as a
+  speech recogniser would), chosen from a small bank whose sentiment follows valence;
+* ``/affect/ground_truth`` (affective_msgs/ValenceArousal, one per video frame): the script, a
+  smooth trajectory that visits all four quadrants of the valence-arousal plane.
+
+The same seed gives byte-identical bags (espeak-ng output is deterministic for fixed
+parameters). Everything is drawn from one ``numpy`` generator seeded by the session seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import tempfile
+import wave
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+from scipy.signal import resample_poly
+
+from .bags import (AUDIO_DATA_STAMPED, AUDIO_INFO, IMAGE, STRING, VALENCE_AROUSAL, BagWriter,
+                   affective_typestore, make_header)
+
+GENERATOR_VERSION = 1  # bump when the output of the same seed changes
+
+# Default topic names, as `ros2 bag record` stores them (absolute).
+IMAGE_TOPIC = '/image_raw'
+AUDIO_TOPIC = '/audio'
+AUDIO_INFO_TOPIC = '/audio_info'
+SPEECH_TOPIC = '/speech'
+GROUND_TRUTH_TOPIC = '/affect/ground_truth'
+CAMERA_FRAME = 'camera_optical_frame'
+MICROPHONE_FRAME = 'microphone'
+
+# Stamps start at 2025-01-01T00:00:00Z plus one hour per seed: realistic, distinct, reproducible.
+EPOCH_NS = 1_735_689_600 * 1_000_000_000
+
+# --- the photograph: skimage.data.astronaut() is 512x512; these are its pixel coordinates ---
+FACE_CROP = (130, 0, 320, 232)        # x0, y0, x1, y1 of the head-and-shoulders crop
+HEAD_ELLIPSE = ((225, 114), (82, 116))  # centre and semi-axes of the visible head (crop alpha)
+MOUTH = (225.0, 146.0, 24.0, 10.0)   # centre x, y, half-width, half-height
+EYES = ((201.0, 101.0), (246.0, 102.0))
+EYE_RADII = (13.0, 7.0)
+BROWS_Y = 88.0
+FACE_SCALE = 1.45                     # photo pixels -> camera pixels (head about 260 px wide)
+
+# --- how strongly appearance follows affect (photo pixels / factors) ---
+MOUTH_CURVE_PX = (6.0, 14.0)  # corner lift at valence +1 / drop at valence -1 (the photo smiles)
+MOUTH_OPEN = 0.35         # vertical mouth stretch at arousal +1
+MOUTH_PRESS = 0.45        # vertical mouth squeeze at valence -1 (lips close over the teeth)
+EYE_OPEN = 0.45           # vertical eye stretch per unit arousal (squint below 0)
+BROW_RAISE_PX = 4.0       # brow lift at arousal +1
+HEAD_DROOP_PX = 14.0      # head lowers by this at valence -1 (camera pixels)
+
+# --- speech ---
+ESPEAK = 'espeak-ng'
+ESPEAK_VOICE = 'en-us'
+CHUNK_SAMPLES = 1024      # audio message size, as audio_capture publishes by default
+ASR_LATENCY_S = 0.3       # a recogniser publishes the sentence shortly after it ends
+ROOM_TONE_RMS = 0.0003    # faint room noise (-70 dBFS): not digital zero, yet below silence gates
+SENTENCES = {
+    # (valence sign, arousal sign) -> sentences whose sentiment matches the quadrant
+    (1, 1): ["This is amazing, I can't believe we actually won!",
+             'Wow, that is fantastic news, I am thrilled!',
+             'Yes! We did it, this is the best day ever!',
+             'I love this, it is so exciting!',
+             'That was brilliant, let us do it again right now!',
+             'What a wonderful surprise, I am so happy!'],
+    (1, -1): ['It is a calm evening and I feel content.',
+              'That was a lovely, relaxing walk.',
+              'I am comfortable and at peace here.',
+              'Thank you, this tea is warm and pleasant.',
+              'Everything is fine, I feel rested and happy.',
+              'What a gentle, quiet and pleasant afternoon.'],
+    (-1, 1): ['Stop it right now, this is outrageous!',
+              'I am furious, you broke it again!',
+              'Watch out, something is terribly wrong!',
+              'This is a disaster, I am so angry!',
+              'Get away from me, I hate this!',
+              'No, no, no, this is awful and I am scared!'],
+    (-1, -1): ['I feel tired and a little sad today.',
+               'Nothing seems to matter much anymore.',
+               'I miss them, and I feel lonely.',
+               'It is grey outside and I am bored.',
+               'I am disappointed, it did not work out.',
+               'I just want to sleep, I feel so down.'],
+}
+
+
+class SpeechSynthesisError(RuntimeError):
+    """espeak-ng is missing or failed."""
+
+
+@dataclass
+class SessionConfig:
+    """What one generated session looks like. Defaults: three minutes at camera/microphone rates."""
+
+    duration_s: float = 180.0
+    seed: int = 0
+    fps: float = 30.0
+    width: int = 640
+    height: int = 480
+    sample_rate: int = 16000
+    chunk_samples: int = CHUNK_SAMPLES
+    segment_s: float = 25.0          # about one quadrant visit per segment
+    face_absent_fraction: float = 0.06  # share of the time the face is out of the frame
+    speech_fraction: float = 0.55    # share of the time someone speaks
+    storage: str = 'mcap'
+
+    def __post_init__(self) -> None:
+        if self.duration_s < 4.0:
+            raise ValueError(f'duration_s must be at least 4 s (got {self.duration_s})')
+        if not 1.0 <= self.fps <= 120.0:
+            raise ValueError(f'fps must be in [1, 120] (got {self.fps})')
+        if self.width < 64 or self.height < 64:
+            raise ValueError(f'frame size must be at least 64x64 (got {self.width}x{self.height})')
+        if not 0.0 <= self.face_absent_fraction < 0.5:
+            raise ValueError('face_absent_fraction must be in [0, 0.5)')
+        if not 0.0 < self.speech_fraction < 1.0:
+            raise ValueError('speech_fraction must be in (0, 1)')
+
+
+@dataclass
+class SessionSummary:
+    path: str
+    config: dict
+    frames: int
+    audio_chunks: int
+    utterances: int
+    face_absent_frames: int
+    quadrant_share: dict = field(default_factory=dict)  # 'v+a+' ... -> share of frames
+
+
+# ---------------------------------------------------------------- the affect script
+
+def _min_jerk(s: np.ndarray) -> np.ndarray:
+    """Smooth 0->1 ramp with zero velocity and acceleration at both ends."""
+    s = np.clip(s, 0.0, 1.0)
+    return s ** 3 * (10 - 15 * s + 6 * s * s)
+
+
+def affect_trajectory(times: np.ndarray, duration_s: float, rng: np.random.Generator,
+                      segment_s: float = 25.0) -> np.ndarray:
+    """Valence/arousal (N, 2) at ``times``: smooth, bounded in [-0.95, 0.95], all four quadrants.
+
+    The script is a sequence of targets, one per segment, cycling through the quadrants in random
+    orders (the first four segments always cover all four); each segment moves to its target with
+    a minimum-jerk transition and then dwells, with a slow, small wander on top.
+    """
+    n_segments = max(4, int(round(duration_s / segment_s)))
+    quadrants = [(1, 1), (1, -1), (-1, -1), (-1, 1)]
+    order = []
+    while len(order) < n_segments:
+        order.extend(quadrants[i] for i in rng.permutation(4))
+    targets = [np.zeros(2)]
+    for sv, sa in order[:n_segments]:
+        radius = rng.uniform(0.5, 0.9)
+        angle = rng.uniform(0.45, math.pi / 2 - 0.45)  # well inside the quadrant on both axes
+        targets.append(np.array([sv * radius * math.cos(angle), sa * radius * math.sin(angle)]))
+    length = duration_s / n_segments
+    seg = np.minimum((times / length).astype(int), n_segments - 1)
+    within = times / length - seg
+    ramp = _min_jerk(within / 0.45)  # move during the first 45 % of the segment, then dwell
+    start = np.array(targets)[seg]
+    end = np.array(targets)[seg + 1]
+    va = start + (end - start) * ramp[:, None]
+    # slow wander: a few low-frequency sinusoids per dimension (periods 8-30 s)
+    for dim in range(2):
+        for _ in range(3):
+            period = rng.uniform(8.0, 30.0)
+            va[:, dim] += rng.uniform(0.02, 0.05) * np.sin(2 * math.pi * times / period
+                                                           + rng.uniform(0, 2 * math.pi))
+    return np.clip(va, -0.95, 0.95)
+
+
+def _absence_offsets(times: np.ndarray, duration_s: float, fraction: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Horizontal head offset in frame widths (0 = centred, |x| >= 1 = out of frame) per time."""
+    offset = np.zeros_like(times)
+    if fraction <= 0:
+        return offset
+    ramp = 0.6  # seconds to slide out / back in
+    absent_s = duration_s * fraction
+    count = max(1, int(round(absent_s / 3.0)))  # stretches of about 3 s
+    hold = max(0.2, absent_s / count - ramp)
+    spacing = duration_s / count
+    for k in range(count):
+        start = k * spacing + rng.uniform(0.15, 0.85) * max(0.0, spacing - hold - 2 * ramp)
+        side = rng.choice([-1.0, 1.0])
+        t_in = np.clip((times - start) / ramp, 0, 1)
+        t_out = np.clip((times - (start + ramp + hold)) / ramp, 0, 1)
+        offset += side * 1.3 * (_min_jerk(t_in) - _min_jerk(t_out))
+    return offset
+
+
+# ---------------------------------------------------------------- video
+
+class FaceAnimator:
+    """Renders 640x480 RGB frames of the photographed face with a given affect and pose."""
+
+    def __init__(self, width: int, height: int, rng: np.random.Generator) -> None:
+        from skimage import data as skdata  # the photograph ships with scikit-image
+
+        self.width, self.height = width, height
+        x0, y0, x1, y1 = FACE_CROP
+        photo = skdata.astronaut()
+        self.face = np.ascontiguousarray(photo[y0:y1, x0:x1]).astype(np.float32)
+        h, w = self.face.shape[:2]
+        grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+        self.grid_x, self.grid_y = grid_x, grid_y
+        # coordinates relative to the crop
+        mx, my, mw, mh = MOUTH
+        mx, my = mx - x0, my - y0
+        self.mouth_centre = (mx, my)
+        # displacement bases (where each output pixel samples from), weighted by smooth envelopes
+        mouth_env = np.exp(-(((grid_x - mx) / (mw * 1.25)) ** 2 + ((grid_y - my) / (mh * 2.2)) ** 2))
+        curve = ((grid_x - mx) / mw) ** 2
+        self.mouth_curve = (curve * mouth_env).astype(np.float32)          # dy per px of lift
+        self.mouth_open = ((grid_y - my) * mouth_env).astype(np.float32)    # dy per unit of stretch
+        eye_field = np.zeros_like(grid_x)
+        brow_field = np.zeros_like(grid_x)
+        for ex, ey in EYES:
+            ex, ey = ex - x0, ey - y0
+            env = np.exp(-(((grid_x - ex) / (EYE_RADII[0] * 1.3)) ** 2
+                           + ((grid_y - ey) / (EYE_RADII[1] * 1.8)) ** 2))
+            eye_field += (grid_y - ey) * env
+            brow_env = np.exp(-(((grid_x - ex) / 16.0) ** 2 + ((grid_y - (BROWS_Y - y0)) / 6.0) ** 2))
+            brow_field += brow_env
+        self.eye_open = eye_field.astype(np.float32)
+        self.brow = brow_field.astype(np.float32)
+        (cx, cy), (ax, ay) = HEAD_ELLIPSE
+        alpha = np.zeros((h, w), np.float32)
+        cv2.ellipse(alpha, (int(cx - x0), int(cy - y0)), (int(ax), int(ay)), 0, 0, 360, 1.0, -1)
+        self.alpha = cv2.GaussianBlur(alpha, (0, 0), 5.0)[..., None]
+        self.face_premult = self.face * self.alpha
+        self.background = np.clip(self._background(rng), 0, 255).astype(np.uint8)
+        self._levels = np.arange(256, dtype=np.float32)
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        """A plain room: graded wall, a door, a shelf and a picture, in seeded colours."""
+        h, w = self.height, self.width
+        wall = np.array(rng.uniform(150, 210, 3))
+        shade = np.linspace(1.08, 0.85, h)[:, None, None]
+        image = np.broadcast_to(wall * shade, (h, w, 3)).copy()
+        door_x = int(rng.uniform(0.05, 0.2) * w)
+        cv2.rectangle(image, (door_x, int(0.15 * h)), (door_x + int(0.18 * w), h),
+                      tuple(float(c) for c in rng.uniform(60, 130, 3)), -1)
+        shelf_y = int(rng.uniform(0.25, 0.4) * h)
+        cv2.rectangle(image, (int(0.65 * w), shelf_y), (w, shelf_y + 10),
+                      tuple(float(c) for c in rng.uniform(40, 90, 3)), -1)
+        cv2.rectangle(image, (int(0.7 * w), int(0.1 * h)), (int(0.85 * w), int(0.22 * h)),
+                      tuple(float(c) for c in rng.uniform(30, 230, 3)), -1)
+        return cv2.GaussianBlur(image, (0, 0), 1.5)
+
+    def render(self, valence: float, arousal: float, pose: tuple, light: tuple) -> np.ndarray:
+        """One frame (height, width, 3) uint8. ``pose`` = (dx, dy, angle_deg, scale) in camera
+        pixels about the frame centre; ``light`` = (gain, red/blue warmth)."""
+        # 1) expression: local warps of the photo (map gives the source pixel of each output pixel)
+        lift = MOUTH_CURVE_PX[0] * valence if valence >= 0 else MOUTH_CURVE_PX[1] * valence
+        open_ = (1.0 + MOUTH_OPEN * max(arousal, 0.0)) * (1.0 - MOUTH_PRESS * max(-valence, 0.0))
+        eye = 1.0 + EYE_OPEN * arousal
+        map_y = (self.grid_y + lift * self.mouth_curve + (1.0 / open_ - 1.0) * self.mouth_open
+                 + (1.0 / max(eye, 0.3) - 1.0) * self.eye_open + BROW_RAISE_PX * arousal * self.brow)
+        face = cv2.remap(self.face_premult, self.grid_x, map_y, cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+        alpha = cv2.remap(self.alpha, self.grid_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        # 2) head pose: similarity transform of the crop into the frame, drawn in its bounding box
+        dx, dy, angle, scale = pose
+        h, w = self.face.shape[:2]
+        centre = (w / 2.0, h / 2.0)
+        matrix = cv2.getRotationMatrix2D(centre, angle, FACE_SCALE * scale)
+        matrix[0, 2] += self.width / 2.0 + dx - centre[0]
+        matrix[1, 2] += self.height / 2.0 + dy - centre[1] + 30.0
+        corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float32) @ matrix.T
+        x0 = int(max(0, math.floor(corners[:, 0].min())))
+        y0 = int(max(0, math.floor(corners[:, 1].min())))
+        x1 = int(min(self.width, math.ceil(corners[:, 0].max()) + 1))
+        y1 = int(min(self.height, math.ceil(corners[:, 1].max()) + 1))
+        frame = self.background.copy()
+        if x1 > x0 and y1 > y0:  # blend in float on the head's bounding box only
+            matrix[0, 2] -= x0
+            matrix[1, 2] -= y0
+            size = (x1 - x0, y1 - y0)
+            face_roi = cv2.warpAffine(face, matrix, size, flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            alpha_roi = cv2.warpAffine(alpha, matrix, size, flags=cv2.INTER_LINEAR,
+                                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)[..., None]
+            roi = frame[y0:y1, x0:x1].astype(np.float32)
+            roi *= 1.0 - alpha_roi
+            roi += face_roi
+            frame[y0:y1, x0:x1] = np.clip(roi + 0.5, 0, 255).astype(np.uint8)
+        # 3) lighting: global gain and colour warmth, as one per-channel lookup table
+        gain, warmth = light
+        gains = np.array([gain * (1 + warmth), gain, gain * (1 - warmth)], np.float32)
+        table = np.clip(self._levels[:, None] * gains[None, :] + 0.5, 0, 255).astype(np.uint8)
+        return cv2.LUT(frame, table.reshape(256, 1, 3))
+
+
+def _pose_track(times: np.ndarray, va: np.ndarray, absence: np.ndarray, width: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """(N, 4) dx, dy, angle, scale: sway whose amplitude grows with arousal, droop with low valence."""
+    def wander(amplitude_periods):
+        total = np.zeros_like(times)
+        for amplitude, period in amplitude_periods:
+            total += amplitude * np.sin(2 * math.pi * times / period + rng.uniform(0, 2 * math.pi))
+        return total
+
+    energy = 0.4 + 0.6 * (va[:, 1] + 1.0) / 2.0  # 0.4 (calm) .. 1.0 (excited)
+    dx = energy * wander([(18, 7.3), (8, 2.9), (3, 1.1)]) + absence * width
+    dy = energy * wander([(8, 5.1), (4, 2.3), (2, 0.9)]) + HEAD_DROOP_PX * np.clip(-va[:, 0], 0, None)
+    angle = energy * wander([(4, 6.1), (2, 2.7)])
+    scale = 1.0 + wander([(0.05, 13.0)])
+    return np.stack([dx, dy, angle, scale], axis=1)
+
+
+# ---------------------------------------------------------------- audio
+
+def espeak_available() -> bool:
+    return shutil.which(ESPEAK) is not None
+
+
+def synthesize(text: str, rate_wpm: int, pitch: int, amplitude: int, sample_rate: int) -> np.ndarray:
+    """Speak ``text`` with espeak-ng; float32 mono in [-1, 1] at ``sample_rate``."""
+    if not espeak_available():
+        raise SpeechSynthesisError(
+            "espeak-ng is not installed; it synthesises the sample sessions' speech. "
+            "Install it with: sudo apt-get install -y espeak-ng  (Debian/Ubuntu)")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav_path = Path(tmp) / 'utterance.wav'
+        command = [ESPEAK, '-v', ESPEAK_VOICE, '-s', str(rate_wpm), '-p', str(pitch),
+                   '-a', str(amplitude), '-w', str(wav_path), text]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode != 0 or not wav_path.is_file():
+            raise SpeechSynthesisError(f"espeak-ng failed ({result.returncode}): {result.stderr.strip()}")
+        with wave.open(str(wav_path), 'rb') as wav:
+            if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+                raise SpeechSynthesisError('espeak-ng produced an unexpected WAV format')
+            source_rate = wav.getframerate()
+            samples = np.frombuffer(wav.readframes(wav.getnframes()), '<i2').astype(np.float32) / 32768.0
+    if source_rate != sample_rate:
+        divisor = math.gcd(source_rate, sample_rate)
+        samples = resample_poly(samples, sample_rate // divisor, source_rate // divisor)
+    return np.clip(samples, -1.0, 1.0).astype(np.float32)
+
+
+def prosody(arousal: float) -> tuple[int, int, int]:
+    """espeak-ng (rate wpm, pitch 0-99, amplitude 0-200) for an arousal in [-1, 1]."""
+    level = (float(np.clip(arousal, -1, 1)) + 1.0) / 2.0
+    return int(round(115 + 115 * level)), int(round(25 + 50 * level)), int(round(55 + 110 * level))
+
+
+def _quadrant(va: np.ndarray) -> tuple[int, int]:
+    return (1 if va[0] >= 0 else -1, 1 if va[1] >= 0 else -1)
+
+
+@dataclass
+class Utterance:
+    start_s: float
+    end_s: float
+    text: str
+
+
+def _speech_track(duration_s: float, va_at: Callable[[float], np.ndarray], config: SessionConfig,
+                  rng: np.random.Generator) -> tuple[np.ndarray, list]:
+    """The session's waveform (float32 at config.sample_rate) and its utterances."""
+    rate = config.sample_rate
+    total = int(round(duration_s * rate))
+    audio = (rng.standard_normal(total) * ROOM_TONE_RMS).astype(np.float32)
+    utterances = []
+    cache = {}
+    # mean gap so that speech takes about speech_fraction of the time (utterances last ~2.5 s)
+    mean_gap = 2.5 * (1.0 - config.speech_fraction) / config.speech_fraction
+    t = rng.uniform(0.3, 1.0)
+    while t < duration_s - 1.0:
+        va = va_at(t)
+        text = SENTENCES[_quadrant(va)][int(rng.integers(len(SENTENCES[_quadrant(va)])))]
+        params = prosody(float(va[1]))
+        key = (text, params)
+        if key not in cache:
+            cache[key] = synthesize(text, *params, sample_rate=rate)
+        wave_ = cache[key]
+        start = int(round(t * rate))
+        stop = min(total, start + len(wave_))
+        if stop - start < len(wave_) * 0.8:
+            break  # the session ends mid-sentence: leave it out
+        audio[start:stop] += wave_[:stop - start]
+        utterances.append(Utterance(t, stop / rate, text))
+        # calmer speakers leave longer pauses
+        gap = mean_gap * rng.uniform(0.5, 1.5) * (1.3 - 0.6 * (float(va[1]) + 1.0) / 2.0)
+        t = stop / rate + gap
+    return np.clip(audio, -1.0, 1.0), utterances
+
+
+# ---------------------------------------------------------------- writing
+
+def generate_session(path: str | Path, config: Optional[SessionConfig] = None, *,
+                     overwrite: bool = False, progress: bool = False) -> SessionSummary:
+    """Write one session as a rosbag2 directory at ``path`` and return what it holds."""
+    config = config or SessionConfig()
+    path = Path(path)
+    rng = np.random.default_rng([config.seed, GENERATOR_VERSION])
+    store = affective_typestore()
+    types = store.types
+    n_frames = int(math.floor(config.duration_s * config.fps))
+    frame_times = np.arange(n_frames) / config.fps
+    va = affect_trajectory(frame_times, config.duration_s, rng, config.segment_s)
+    absence = _absence_offsets(frame_times, config.duration_s, config.face_absent_fraction, rng)
+    pose = _pose_track(frame_times, va, absence, config.width, rng)
+    light_gain = 1.0 + 0.12 * np.sin(2 * math.pi * frame_times / rng.uniform(20, 40) + rng.uniform(0, 6.3))
+    warmth = 0.06 * np.sin(2 * math.pi * frame_times / rng.uniform(15, 35) + rng.uniform(0, 6.3))
+
+    def va_at(t: float) -> np.ndarray:
+        return va[min(n_frames - 1, max(0, int(t * config.fps)))]
+
+    animator = FaceAnimator(config.width, config.height, rng)
+    audio, utterances = _speech_track(config.duration_s, va_at, config, rng)
+    audio_i16 = np.round(audio * 32767.0).astype('<i2')
+
+    start_ns = EPOCH_NS + config.seed * 3_600_000_000_000
+    frame_ns = start_ns + np.round(frame_times * 1e9).astype(np.int64)
+    chunk = config.chunk_samples
+    n_chunks = len(audio_i16) // chunk
+    # each chunk is stamped with its first sample and logged when its last sample is captured
+    chunk_start_ns = start_ns + np.round(np.arange(n_chunks) * chunk / config.sample_rate * 1e9).astype(np.int64)
+    chunk_log_ns = start_ns + np.round((np.arange(n_chunks) + 1) * chunk / config.sample_rate * 1e9).astype(np.int64)
+    speech_ns = [start_ns + int(round((u.end_s + ASR_LATENCY_S) * 1e9)) for u in utterances]
+
+    # merge the streams by log time; ties keep this order: info, audio, speech, image, truth
+    events = [(start_ns, 0, 'info', 0)]
+    events += [(int(t), 1, 'audio', i) for i, t in enumerate(chunk_log_ns)]
+    events += [(t, 2, 'speech', i) for i, t in enumerate(speech_ns) if t <= frame_ns[-1]]
+    events += [(int(t), 3, 'image', i) for i, t in enumerate(frame_ns)]
+    events += [(int(t), 4, 'truth', i) for i, t in enumerate(frame_ns)]
+    events.sort()
+
+    bar = _progress(n_frames, f'session {path.name}', progress)
+    writer = BagWriter(path, storage=config.storage, overwrite=overwrite)
+    writer.set_custom_data('affective_trm.generator', json.dumps(
+        {'version': GENERATOR_VERSION, **asdict(config)}, sort_keys=True))
+    absent_frames = 0
+    with writer:
+        writer.add_topic(IMAGE_TOPIC, IMAGE)
+        writer.add_topic(AUDIO_TOPIC, AUDIO_DATA_STAMPED)
+        writer.add_topic(AUDIO_INFO_TOPIC, AUDIO_INFO, latched=True)
+        writer.add_topic(SPEECH_TOPIC, STRING)
+        writer.add_topic(GROUND_TRUTH_TOPIC, VALENCE_AROUSAL)
+        for log_ns, _, kind, i in events:
+            if kind == 'image':
+                frame = animator.render(float(va[i, 0]), float(va[i, 1]), tuple(pose[i]),
+                                        (float(light_gain[i]), float(warmth[i])))
+                absent_frames += int(abs(absence[i]) >= 1.0)
+                writer.write(IMAGE_TOPIC, log_ns, types[IMAGE](
+                    header=make_header(int(frame_ns[i]), CAMERA_FRAME, store), height=config.height,
+                    width=config.width, encoding='rgb8', is_bigendian=0, step=config.width * 3,
+                    data=frame.reshape(-1)))
+                bar.update(1)
+            elif kind == 'truth':
+                writer.write(GROUND_TRUTH_TOPIC, log_ns, types[VALENCE_AROUSAL](
+                    header=make_header(int(frame_ns[i]), CAMERA_FRAME, store), stream_id='default',
+                    valence=float(va[i, 0]), arousal=float(va[i, 1]), confidence=1.0, modalities=0))
+            elif kind == 'audio':
+                data = audio_i16[i * chunk:(i + 1) * chunk].view(np.uint8)
+                writer.write(AUDIO_TOPIC, log_ns, types[AUDIO_DATA_STAMPED](
+                    header=make_header(int(chunk_start_ns[i]), MICROPHONE_FRAME, store),
+                    audio=types['audio_common_msgs/msg/AudioData'](data=data)))
+            elif kind == 'speech':
+                writer.write(SPEECH_TOPIC, log_ns, types[STRING](data=utterances[i].text))
+            else:
+                writer.write(AUDIO_INFO_TOPIC, log_ns, types[AUDIO_INFO](
+                    channels=1, sample_rate=config.sample_rate, sample_format='S16LE',
+                    bitrate=config.sample_rate * 16, coding_format='WAVE'))
+    bar.close()
+    signs = np.sign(va)
+    share = {f"v{'+' if sv > 0 else '-'}a{'+' if sa > 0 else '-'}":
+             float(np.mean((signs[:, 0] == sv) & (signs[:, 1] == sa)))
+             for sv in (1, -1) for sa in (1, -1)}
+    return SessionSummary(path=str(path), config=asdict(config), frames=n_frames, audio_chunks=n_chunks,
+                          utterances=sum(1 for t in speech_ns if t <= frame_ns[-1]),
+                          face_absent_frames=absent_frames, quadrant_share=share)
+
+
+def generate_sessions(out_dir: str | Path, count: int, config: Optional[SessionConfig] = None, *,
+                      first_seed: int = 0, prefix: str = 'session', overwrite: bool = False,
+                      progress: bool = False) -> list:
+    """Write ``count`` sessions ``<prefix>_<seed>`` with seeds first_seed.. into ``out_dir``."""
+    config = config or SessionConfig()
+    summaries = []
+    for seed in range(first_seed, first_seed + count):
+        session_config = SessionConfig(**{**asdict(config), 'seed': seed})
+        summaries.append(generate_session(Path(out_dir) / f'{prefix}_{seed:03d}', session_config,
+                                          overwrite=overwrite, progress=progress))
+    return summaries
+
+
+def _progress(total: int, description: str, enabled: bool):
+    if enabled:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=description, unit='frame', leave=False)
+
+    class _Silent:
+        def update(self, n: int) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    return _Silent()

@@ -1,0 +1,442 @@
+"""Training of the stateful TRM and its baselines on a feature store.
+
+One loop serves every model kind ('trm', 'seed_trm', 'mlp', 'gru'):
+
+* speaker-independent seeded splits (:mod:`.splits`), input normalisation from the training
+  split's statistics, stored inside the model (so serving normalises identically);
+* batches of whole sessions cut into windows for truncated back-propagation through time: the
+  recurrent state is carried from window to window of the same sessions, detached;
+* the loss ``ccc_weight · (1 − CCC) + mse_weight · MSE`` over every labelled frame of a window;
+* modality dropout (whole modalities hidden for whole windows) so missing inputs are handled;
+* AdamW, linear warm-up then cosine decay, gradient clipping, an exponential moving average of
+  the weights (evaluated and saved), bf16 autocast on CUDA;
+* early stopping on the validation mean CCC; the best (EMA) model is written with
+  :func:`~affective_trm_ros.core.checkpoint.save_checkpoint`, with ``history.csv`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..core.baselines import GRUConfig, MLPConfig
+from ..core.checkpoint import KINDS, build_from_kind, save_checkpoint
+from ..core.device import resolve_device
+from ..core.metrics import regression_report
+from ..core.trm import TRMConfig, detach_state
+from .data import SessionSource, batches_by_length, collate, input_statistics, modality_dropout
+from .losses import CCCMSELoss
+from .splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, make_splits, split_speakers
+
+CHECKPOINT_NAME = 'best.pt'
+HISTORY_NAME = 'history.csv'
+# Frames per step when predicting whole sessions for evaluation (bounds activation memory).
+EVAL_CHUNK_FRAMES = 512
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoint metadata)."""
+
+    model: str = 'trm'                 # 'trm' | 'seed_trm' | 'mlp' | 'gru'
+    model_config: dict = field(default_factory=dict)   # overrides of the model's config fields
+    out_dir: str = 'runs/train'
+    epochs: int = 40
+    batch_size: int = 16               # sessions per batch
+    window: int = 64                   # frames per truncated-BPTT window
+    crop_frames: Optional[int] = None  # train on a random crop of at most this many frames per session
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05      # of all optimiser steps
+    min_lr_ratio: float = 0.05         # cosine decays to lr * this
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995           # 0 disables the moving average
+    patience: int = 8                  # epochs without validation improvement before stopping
+    min_epochs: int = 1
+    ccc_weight: float = 1.0
+    mse_weight: float = 0.25
+    modality_dropout: float = 0.15     # per window, stream and modality
+    seed: int = 0
+    device: str = 'auto'
+    bf16: bool = True                  # autocast to bfloat16 on CUDA (ignored on CPU)
+    split_by: str = 'speaker'
+    split_fractions: tuple = DEFAULT_FRACTIONS
+    split_seed: int = DEFAULT_SPLIT_SEED
+    splits: Optional[dict] = None      # explicit {'train': [...], 'val': [...], 'test': [...]}
+    eval_batch_size: int = 64
+    plots: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.model not in KINDS:
+            raise ValueError(f'unknown model kind {self.model!r}; choose one of {KINDS}')
+        positive = ('epochs', 'batch_size', 'window', 'eval_batch_size', 'min_epochs')
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.crop_frames is not None and self.crop_frames < 1:
+            raise ValueError(f'crop_frames must be >= 1 or None, got {self.crop_frames}')
+        if not self.lr > 0:
+            raise ValueError(f'lr must be > 0, got {self.lr}')
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f'ema_decay must be in [0, 1), got {self.ema_decay}')
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f'modality_dropout must be in [0, 1), got {self.modality_dropout}')
+        if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError('warmup_fraction must be in [0, 1) and min_lr_ratio in [0, 1]')
+        if self.patience < 1:
+            raise ValueError(f'patience must be >= 1, got {self.patience}')
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: Path
+    history: list
+    best_epoch: int
+    best_val_ccc: float
+    splits: dict
+    out_dir: Path
+    val_report: dict
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def make_model_config(kind: str, modality_dims: dict, overrides: Optional[dict] = None):
+    """The config dataclass of ``kind`` for these input dims, with ``overrides`` applied."""
+    overrides = dict(overrides or {})
+    overrides.pop('modality_dims', None)
+    dims = dict(modality_dims)
+    if kind == 'trm':
+        base = TRMConfig(modality_dims=dims)
+    elif kind == 'seed_trm':
+        base = TRMConfig.seed(dims)
+    elif kind == 'mlp':
+        base = MLPConfig(modality_dims=dims)
+    elif kind == 'gru':
+        base = GRUConfig(modality_dims=dims)
+    else:
+        raise ValueError(f'unknown model kind {kind!r}; choose one of {KINDS}')
+    known = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f'{type(base).__name__} has no fields {unknown}; known: {sorted(known)}')
+    return dataclasses.replace(base, **overrides)
+
+
+def build_model(kind: str, modality_dims: dict, overrides: Optional[dict] = None):
+    config = make_model_config(kind, modality_dims, overrides)
+    model, _ = build_from_kind(kind, dataclasses.asdict(config))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warm-up from ~0 to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightEMA:
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so short runs are not dominated by the
+    random initial weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.shadow = copy.deepcopy(model).eval()
+        for parameter in self.shadow.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        own = self.shadow.state_dict()
+        for name, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                own[name].mul_(decay).add_(value.detach(), alpha=1.0 - decay)
+            else:
+                own[name].copy_(value)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == 'cuda' and enabled:
+        return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+@torch.no_grad()
+def predict_sessions(model, source: SessionSource, session_ids, device, batch_size: int = 64,
+                     bf16: bool = False, chunk: int = EVAL_CHUNK_FRAMES) -> dict:
+    """Run the model over whole sessions (state carried over every frame, from the initial state).
+
+    Returns session id -> (predictions (T, 2) float32, confidence (T,) float32).
+    """
+    model.eval()
+    out = {}
+    for ids in batches_by_length(session_ids, source.lengths, batch_size, rng=None):
+        batch = collate(source, ids).to(device)
+        state = model.initial_state(len(ids), device)
+        preds, confs = [], []
+        for start in range(0, batch.x.shape[1], chunk):
+            with _autocast(device, bf16):
+                va, confidence, state = model.forward_sequence(batch.x[:, start:start + chunk],
+                                                               batch.mask[:, start:start + chunk], state)
+            preds.append(va.float())
+            confs.append(confidence.float())
+        va = torch.cat(preds, 1).cpu().numpy()
+        confidence = torch.cat(confs, 1).cpu().numpy()
+        for row, sid in enumerate(ids):
+            length = batch.lengths[row]
+            out[sid] = (va[row, :length], confidence[row, :length])
+    return out
+
+
+def evaluate_predictions(source: SessionSource, predictions: dict) -> dict:
+    """regression_report over all labelled frames of the sessions in ``predictions``."""
+    preds, truths = [], []
+    for sid, (va, _) in predictions.items():
+        preds.append(va)
+        truths.append(source.arrays(sid)[2])
+    if not preds:
+        return regression_report(np.zeros((0, 2)), np.zeros((0, 2)))
+    return regression_report(np.concatenate(preds), np.concatenate(truths))
+
+
+def _validation_loss(loss_fn, source: SessionSource, predictions: dict) -> float:
+    preds = np.concatenate([va for va, _ in predictions.values()])
+    truths = np.concatenate([source.arrays(sid)[2] for sid in predictions])
+    parts = loss_fn(torch.from_numpy(preds)[None], torch.from_numpy(truths)[None])
+    return float(parts.loss)
+
+
+def _write_history(rows: list, path: Path) -> None:
+    keys = list(rows[0])
+    with open(path, 'w', newline='') as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _score(report: dict) -> float:
+    value = report['mean']['ccc']
+    return value if math.isfinite(value) else -math.inf
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_splits(store, config: TrainConfig) -> dict:
+    """Explicit splits from the config (checked against the store), else seeded automatic ones."""
+    if config.splits:
+        splits = {name: list(config.splits.get(name, [])) for name in ('train', 'val', 'test')}
+        missing = [sid for ids in splits.values() for sid in ids if not store.has(sid)]
+        if missing:
+            raise ValueError(f'{len(missing)} sessions of the given splits are not in the store, '
+                             f'e.g. {missing[:3]}')
+        return splits
+    return make_splits(store.speakers(), config.split_fractions, config.split_seed, config.split_by)
+
+
+def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
+    """Train a model on ``store`` (a FeatureStore) and write the best checkpoint, history and plots.
+
+    ``overrides`` are TrainConfig fields, for convenience (``train(store, epochs=5)``).
+    """
+    from tqdm.auto import tqdm
+
+    config = dataclasses.replace(config or TrainConfig(), **overrides)
+    config.validate()
+    started = time.perf_counter()
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    use_bf16 = config.bf16 and device.type == 'cuda'
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    splits = resolve_splits(store, config)
+    if not splits['train']:
+        raise ValueError('the training split is empty; the store needs more sessions/speakers')
+    train_source = SessionSource(store, splits['train'])
+    val_ids = splits['val'] or splits['train']   # tiny stores: select on training data, and say so
+    val_source = train_source if not splits['val'] else SessionSource(store, splits['val'])
+    if train_source.labelled_frames() == 0:
+        raise ValueError('the training split has no labelled frame')
+
+    model = build_model(config.model, store.dims, config.model_config)
+    mean, std = input_statistics(train_source, model.block_bounds)
+    model.set_normalization(mean, std)
+    model.to(device)
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    loss_fn = CCCMSELoss(config.ccc_weight, config.mse_weight)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    dropout_gen = torch.Generator().manual_seed(config.seed)
+
+    def windows_per_epoch() -> int:
+        total = 0
+        for ids in batches_by_length(splits['train'], train_source.lengths, config.batch_size, None):
+            longest = max(train_source.lengths[sid] for sid in ids)
+            if config.crop_frames:
+                longest = min(longest, config.crop_frames)
+            total += math.ceil(longest / config.window)
+        return total
+
+    total_steps = max(1, windows_per_epoch() * config.epochs)
+    warmup_steps = int(config.warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, config.min_lr_ratio))
+
+    history: list = []
+    best_score, best_epoch, best_report = -math.inf, 0, {}
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    epochs_without_gain = 0
+    meta_base = {
+        'train_config': _jsonable(dataclasses.asdict(config)),
+        'splits': splits,
+        'split_speakers': split_speakers(splits, store.speakers()),
+        'store': str(Path(store.root).resolve()),
+        'store_info': store.info,
+        'model_parameters': model.num_parameters(),
+    }
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_loss, epoch_ccc, windows = 0.0, np.zeros(2), 0
+        batches = batches_by_length(splits['train'], train_source.lengths, config.batch_size, rng)
+        bar = tqdm(batches, desc=f'epoch {epoch}/{config.epochs}', unit='batch', leave=False,
+                   disable=not config.progress)
+        for ids in bar:
+            crops = _random_crops(ids, train_source.lengths, config.crop_frames, rng)
+            batch = collate(train_source, ids, crops).to(device)
+            state = model.initial_state(len(ids), device)
+            for start in range(0, batch.x.shape[1], config.window):
+                part = batch.window(start, start + config.window)
+                mask = modality_dropout(part.mask, part.valid, config.modality_dropout, dropout_gen)
+                with _autocast(device, use_bf16):
+                    va, _, state = model.forward_sequence(part.x, mask, state)
+                parts = loss_fn(va.float(), part.labels, part.valid)
+                state = detach_state(state)
+                if parts.frames == 0:   # nothing labelled in this window: carry the state on
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                parts.loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                epoch_loss += float(parts.loss)
+                epoch_ccc += parts.ccc.cpu().numpy()
+                windows += 1
+            bar.set_postfix(loss=f'{epoch_loss / max(windows, 1):.3f}')
+        eval_model = ema.shadow if ema is not None else model
+        predictions = predict_sessions(eval_model, val_source, val_ids, device, config.eval_batch_size,
+                                       use_bf16)
+        report = evaluate_predictions(val_source, predictions)
+        row = {
+            'epoch': epoch,
+            'lr': optimizer.param_groups[0]['lr'],
+            'train_loss': epoch_loss / max(windows, 1),
+            'train_ccc_mean': float(epoch_ccc.mean() / max(windows, 1)),
+            'val_loss': _validation_loss(loss_fn, val_source, predictions),
+            'val_ccc_valence': report['valence']['ccc'],
+            'val_ccc_arousal': report['arousal']['ccc'],
+            'val_ccc_mean': report['mean']['ccc'],
+            'val_rmse_mean': report['mean']['rmse'],
+            'seconds': time.perf_counter() - started,
+        }
+        history.append(row)
+        _write_history(history, out_dir / HISTORY_NAME)
+        score = _score(report)
+        if score > best_score:
+            best_score, best_epoch, best_report = score, epoch, report
+            epochs_without_gain = 0
+            save_checkpoint(checkpoint_path, _cpu_copy(eval_model), store.encoder_spec, {
+                **meta_base, 'epoch': epoch, 'val_report': _jsonable(report),
+                'validation_split': 'val' if splits['val'] else 'train (no validation sessions)'})
+        else:
+            epochs_without_gain += 1
+        if config.progress:
+            print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val CCC v {row['val_ccc_valence']:.3f} "
+                  f"a {row['val_ccc_arousal']:.3f} mean {row['val_ccc_mean']:.3f}"
+                  f"{'  *' if best_epoch == epoch else ''}", flush=True)
+        if epochs_without_gain >= config.patience and epoch >= config.min_epochs:
+            break
+    if config.plots:
+        from .plots import plot_curves, plot_va_plane
+        from ..core.checkpoint import load_checkpoint
+
+        plot_curves(history, out_dir / 'curves.png')
+        best = load_checkpoint(checkpoint_path, device=str(device)).model
+        predictions = predict_sessions(best, val_source, val_ids, device, config.eval_batch_size, use_bf16)
+        preds = np.concatenate([va for va, _ in predictions.values()])
+        truths = np.concatenate([val_source.arrays(sid)[2] for sid in predictions])
+        plot_va_plane(preds, truths, out_dir / 'va_plane_val.png',
+                      title=f'{config.model} on validation (epoch {best_epoch})')
+    summary = {'checkpoint': str(checkpoint_path), 'best_epoch': best_epoch, 'best_val_ccc_mean': best_score,
+               'epochs_run': len(history), 'val_report': best_report, 'splits': {k: len(v) for k, v in splits.items()},
+               'seconds': time.perf_counter() - started}
+    (out_dir / 'summary.json').write_text(json.dumps(_jsonable(summary), indent=2))
+    return TrainResult(checkpoint_path, history, best_epoch, best_score, splits, out_dir, best_report,
+                       time.perf_counter() - started)
+
+
+def _random_crops(ids, lengths: dict, crop_frames: Optional[int], rng) -> Optional[dict]:
+    if not crop_frames:
+        return None
+    crops = {}
+    for sid in ids:
+        length = lengths[sid]
+        if length > crop_frames:
+            start = int(rng.integers(0, length - crop_frames + 1))
+            crops[sid] = (start, start + crop_frames)
+    return crops
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).cpu()
+
+
+def _jsonable(value):
+    """Replace non-finite floats by None and tuples by lists, for strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value

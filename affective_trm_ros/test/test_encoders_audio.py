@@ -1,0 +1,138 @@
+"""Dasheng audio encoder: published checkpoint format, strict loading, pooling, silence, batching."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from dasheng.pretrained.pretrained import Dasheng
+
+from affective_trm_ros.core.encoders import weights as registry
+from affective_trm_ros.core.encoders.audio import MIN_SAMPLES, TOKENS_PER_SECOND
+from affective_trm_ros.core.encoders.base import WeightsFormatError, WeightsNotFoundError, load_encoder
+
+torch.set_num_threads(1)
+# Base width (768) with one block instead of twelve keeps the test checkpoint small and fast.
+TINY_CONFIG = {'embed_dim': 768, 'depth': 1, 'num_heads': 12}
+
+
+def tiny_dasheng(seed: int = 0, **overrides) -> Dasheng:
+    torch.manual_seed(seed)
+    model = Dasheng(**{**TINY_CONFIG, **overrides}).eval()
+    # Non-default input BatchNorm statistics, so the buffers must really be loaded.
+    bn = model.init_bn[1]
+    bn.running_mean.uniform_(-20.0, -10.0)
+    bn.running_var.uniform_(50.0, 150.0)
+    return model
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """A Dasheng checkpoint in the published format: {"model": state dict, "config": kwargs}."""
+    model = tiny_dasheng()
+    path = tmp_path_factory.mktemp('dasheng') / 'dasheng_tiny.pt'
+    torch.save({'model': model.state_dict(), 'config': dict(TINY_CONFIG)}, path)
+    return path, model
+
+
+@pytest.fixture(scope='module')
+def encoder(checkpoint):
+    return load_encoder('dasheng_base', device='cpu', weights=str(checkpoint[0]))
+
+
+def tone(seconds: float = 1.0, freq: float = 220.0, amp: float = 0.3, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(16000 * seconds)) / 16000
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.size)
+    return (amp * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+def test_embedding_is_the_mean_of_the_window_tokens(checkpoint, encoder):
+    _, model = checkpoint
+    wave = tone()
+    embedding, valid = encoder.encode(wave)
+    with torch.no_grad():
+        tokens = model(torch.from_numpy(wave)[None])
+    assert tokens.shape[1] == TOKENS_PER_SECOND  # 1 s -> 25 tokens
+    assert valid and embedding.shape == (768,) and embedding.dtype == np.float32
+    np.testing.assert_allclose(embedding, tokens.mean(1)[0].numpy(), atol=1e-5)
+    assert encoder.identity == 'dasheng_base@dasheng_tiny'
+
+
+def test_batch_equals_single_calls_including_other_lengths(encoder):
+    windows = [tone(freq=200), tone(freq=900, seed=1), np.zeros(16000, np.float32), tone(0.5, seed=2)]
+    batch = encoder.encode_batch(windows)
+    assert batch.valid.tolist() == [True, True, False, True]
+    for index, window in enumerate(windows):
+        single, valid = encoder.encode(window)
+        assert valid == batch.valid[index]
+        np.testing.assert_allclose(batch.embeddings[index], single, atol=1e-5, rtol=1e-4)
+    assert not np.allclose(batch.embeddings[0], batch.embeddings[1])
+
+
+def test_silence_threshold(checkpoint):
+    quiet = np.full(16000, 5e-4, np.float32)  # RMS 5e-4, below the 1e-3 threshold
+    strict = load_encoder('dasheng_base', device='cpu', weights=str(checkpoint[0]), silence_threshold=1e-3)
+    off = load_encoder('dasheng_base', device='cpu', weights=str(checkpoint[0]), silence_threshold=0.0)
+    assert strict.encode(quiet)[1] is False
+    assert not strict.encode(quiet)[0].any()
+    assert off.encode(quiet)[1] is True
+    with pytest.raises(ValueError, match='silence_threshold'):
+        load_encoder('dasheng_base', device='cpu', weights=str(checkpoint[0]), silence_threshold=-1)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (np.zeros((2, 16000), np.float32), '1-D'),
+    (np.zeros(16000, np.int16), 'float'),
+    (np.zeros(MIN_SAMPLES - 1, np.float32), 'shorter than one Dasheng token'),
+    (np.array([0.1, np.nan] * 8000, np.float32), 'NaN or Inf'),
+])
+def test_bad_windows_raise_value_error(encoder, bad, match):
+    with pytest.raises(ValueError, match=match):
+        encoder.encode(bad)
+
+
+def test_strict_loading_refuses_missing_or_extra_tensors(tmp_path, checkpoint):
+    _, model = checkpoint
+    state = dict(model.state_dict())
+    state.pop('norm.weight')
+    state['extra.weight'] = torch.zeros(1)
+    path = tmp_path / 'bad.pt'
+    torch.save({'model': state, 'config': dict(TINY_CONFIG)}, path)
+    with pytest.raises(WeightsFormatError, match=r'(?s)bad\.pt.*norm\.weight.*extra\.weight'):
+        load_encoder('dasheng_base', device='cpu', weights=str(path))
+
+
+def test_config_must_describe_the_stored_weights(tmp_path, checkpoint):
+    _, model = checkpoint
+    path = tmp_path / 'deeper.pt'
+    torch.save({'model': model.state_dict(), 'config': {**TINY_CONFIG, 'depth': 2}}, path)
+    with pytest.raises(WeightsFormatError, match='blocks.1'):
+        load_encoder('dasheng_base', device='cpu', weights=str(path))
+
+
+def test_not_the_published_format(tmp_path, checkpoint):
+    path = tmp_path / 'state_only.pt'
+    torch.save(checkpoint[1].state_dict(), path)
+    with pytest.raises(WeightsFormatError, match='"model" and "config"'):
+        load_encoder('dasheng_base', device='cpu', weights=str(path))
+
+
+def test_other_width_is_not_dasheng_base(tmp_path):
+    model = tiny_dasheng(embed_dim=64, num_heads=4)
+    path = tmp_path / 'narrow.pt'
+    torch.save({'model': model.state_dict(), 'config': {'embed_dim': 64, 'depth': 1, 'num_heads': 4}}, path)
+    with pytest.raises(WeightsFormatError, match='64-d'):
+        load_encoder('dasheng_base', device='cpu', weights=str(path))
+
+
+def test_missing_weights_and_untrained_opt_in(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_encoder('dasheng_base', device='cpu')
+    assert str(tmp_path / 'dasheng' / 'dasheng_base.pt') in str(err.value)
+    assert 'affective-trm weights fetch dasheng_base' in str(err.value)
+    with caplog.at_level(logging.WARNING):
+        untrained = load_encoder('dasheng_base', device='cpu', allow_untrained=True)
+    assert untrained.identity == 'dasheng_base@untrained'
+    assert 'UNTRAINED' in caplog.text
+    assert len(untrained.model.blocks) == 12  # the real base architecture, randomly initialised

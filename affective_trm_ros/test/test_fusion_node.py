@@ -1,0 +1,353 @@
+"""The fusion node over real DDS: embeddings in, ValenceArousal out (stamps, masks, resets, streams)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile
+from rosgraph_msgs.msg import Clock
+
+from affective_msgs.msg import ModalityEmbedding, ValenceArousal
+from affective_msgs.srv import ResetState
+from affective_trm_ros.core.checkpoint import save_checkpoint
+from affective_trm_ros.core.modalities import AUDIO, TEXT, VIDEO
+from affective_trm_ros.core.predictor import FusionPredictor
+from affective_trm_ros.core.trm import TRMConfig, build_model
+from affective_trm_ros.nodes.common import LATCHED_QOS, RELIABLE_QOS
+from affective_trm_ros.nodes.fusion_node import FusionNode
+
+DIMS = {AUDIO: 8, VIDEO: 16, TEXT: 4}
+ENCODERS = {AUDIO: 'test_audio', VIDEO: 'test_video', TEXT: 'test_text'}
+WAIT_S = 10.0
+NS = 1_000_000_000
+
+
+def make_checkpoint(path) -> str:
+    """A tiny stateful TRM in the real checkpoint format (random weights, seeded)."""
+    import torch
+    torch.manual_seed(0)
+    config = TRMConfig(modality_dims=dict(DIMS), hidden_size=16, num_heads=2, num_layers=1,
+                       expansion=2.0, h_cycles=2, l_cycles=1)
+    spec = [{'modality': m, 'encoder': ENCODERS[m], 'dim': DIMS[m]} for m in (AUDIO, VIDEO, TEXT)]
+    save_checkpoint(path, build_model(config), spec, {'purpose': 'fusion node tests'})
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp('fusion') / 'tiny.pt')
+
+
+def feature(modality: str, seed: float) -> np.ndarray:
+    return (np.sin(np.arange(DIMS[modality]) * 0.7 + seed) * 2.0).astype(np.float32)
+
+
+class Harness:
+    """A fusion node and a client node (publishers, output collector, reset client) on one executor."""
+
+    def __init__(self, checkpoint: str, use_sim_time: bool = False, **params) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        overrides = [Parameter('checkpoint', value=checkpoint), Parameter('device', value='cpu'),
+                     Parameter('use_sim_time', value=use_sim_time)]
+        overrides += [Parameter(name, value=value) for name, value in params.items()]
+        self.fusion = FusionNode(context=self.context, parameter_overrides=overrides)
+        self.client = rclpy.create_node('fusion_test_client', context=self.context)
+        self.publishers = {m: self.client.create_publisher(ModalityEmbedding, f'affect/embedding/{m}',
+                                                           LATCHED_QOS if m == TEXT else RELIABLE_QOS)
+                           for m in (VIDEO, AUDIO, TEXT)}
+        self.clock_publisher = self.client.create_publisher(Clock, '/clock', QoSProfile(depth=1))
+        self.outputs = []
+        self.received_at = []
+        self.diagnostics = []
+        self._lock = threading.Lock()
+        self.client.create_subscription(ValenceArousal, 'affect/valence_arousal', self._on_output,
+                                        RELIABLE_QOS)
+        self.client.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
+        self.reset_client = self.client.create_client(ResetState, 'affect/reset')
+        self.executor = MultiThreadedExecutor(context=self.context)
+        self.executor.add_node(self.fusion)
+        self.executor.add_node(self.client)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+        try:
+            used = [self.publishers[m] for m in self.fusion._used]
+            self.wait_until(lambda: all(p.get_subscription_count() > 0 for p in used)
+                            and self.reset_client.service_is_ready()
+                            and self.fusion.count_subscribers('affect/valence_arousal') > 0, 'discovery')
+        except AssertionError:
+            self.close()
+            raise
+
+    def _on_output(self, msg) -> None:
+        with self._lock:
+            self.outputs.append(msg)
+            self.received_at.append(time.monotonic())
+
+    def publish(self, modality: str, stamp_ns: int, vector=None, stream: str = 'default', valid=True,
+                encoder=None, frame_id='camera') -> None:
+        msg = ModalityEmbedding(stream_id=stream, modality=modality, valid=valid,
+                                encoder=encoder or f'{ENCODERS[modality]}@unit-test')
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), NS)
+        msg.header.frame_id = frame_id
+        if valid:
+            msg.data = np.asarray(vector, dtype=np.float32).tolist()
+        self.publishers[modality].publish(msg)
+
+    def set_clock(self, stamp_ns: int) -> None:
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = divmod(int(stamp_ns), NS)
+        self.clock_publisher.publish(msg)
+
+    def wait_until(self, predicate, what: str, timeout: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f'timed out waiting for {what}')
+            time.sleep(0.01)
+
+    def wait_outputs(self, count: int, timeout: float = WAIT_S) -> list:
+        self.wait_until(lambda: len(self.outputs) >= count, f'{count} outputs (have {len(self.outputs)})',
+                        timeout)
+        with self._lock:
+            return list(self.outputs)
+
+    def reset(self, stream_id: str) -> ResetState.Response:
+        future = self.reset_client.call_async(ResetState.Request(stream_id=stream_id))
+        self.wait_until(future.done, 'reset response')
+        return future.result()
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self._thread.join(5.0)
+        self.fusion.destroy_node()
+        self.client.destroy_node()
+        self.context.try_shutdown()
+
+
+@pytest.fixture
+def harness_factory(checkpoint):
+    made = []
+
+    def make(**kwargs) -> Harness:
+        made.append(Harness(checkpoint, **kwargs))
+        return made[-1]
+    yield make
+    for harness in made:
+        harness.close()
+
+
+def expected_outputs(checkpoint, sequence) -> list:
+    """Offline reference: FusionPredictor over [(stream, features)] one step at a time."""
+    predictor = FusionPredictor(checkpoint, device='cpu')
+    return [predictor.step([(stream, features)])[0] for stream, features in sequence]
+
+
+def stamp_ns(msg) -> int:
+    return msg.header.stamp.sec * NS + msg.header.stamp.nanosec
+
+
+# ---------------------------------------------------------------- tests
+
+def test_outputs_carry_the_frame_stamp_masks_and_model_values(harness_factory, checkpoint):
+    """Sim time at 0: frames leave only when the audio watermark passes them (deterministic)."""
+    h = harness_factory(use_sim_time=True)
+    base = 100 * NS + 123_456_789  # nanosecond digits must survive exactly
+    text = feature(TEXT, 9.0)
+    h.publish(TEXT, base - NS // 10, text)
+    audio = {0: feature(AUDIO, 0.0), 5: None, 10: feature(AUDIO, 1.0)}   # stamps in tenths of a second
+    video_stamps = [base + k * NS // 10 for k in range(7)]
+    videos = [feature(VIDEO, k) if k != 2 else None for k in range(7)]   # frame 2: no face
+    for k, vector in zip(range(7), videos):
+        h.publish(VIDEO, video_stamps[k], vector, valid=vector is not None, frame_id=f'cam{k}')
+    time.sleep(0.3)
+    assert h.outputs == []            # no audio yet and the clock is at 0: nothing may leave
+    for k, vector in audio.items():
+        h.publish(AUDIO, base + k * NS // 10, vector, valid=vector is not None)
+    outputs = h.wait_outputs(7)
+    time.sleep(0.2)
+    assert len(h.outputs) == 7
+    assert [stamp_ns(m) for m in outputs] == video_stamps
+    assert [m.header.frame_id for m in outputs] == [f'cam{k}' for k in range(7)]
+    assert {m.stream_id for m in outputs} == {'default'}
+    # Nearest audio within 0.3 s: the window at 0.0 s for frames 0..2, the silent one at 0.5 s for 3..6.
+    chosen_audio = [audio[0]] * 3 + [None] * 4
+    expected_bits = [(1 if v is not None else 0) | (2 if a is not None else 0) | 4
+                     for v, a in zip(videos, chosen_audio)]
+    assert [m.modalities for m in outputs] == expected_bits
+    reference = expected_outputs(checkpoint, [('default', {VIDEO: v, AUDIO: a, TEXT: text})
+                                              for v, a in zip(videos, chosen_audio)])
+    np.testing.assert_allclose([(m.valence, m.arousal, m.confidence) for m in outputs], reference, atol=1e-5)
+    for m in outputs:
+        assert -1.0 <= m.valence <= 1.0 and -1.0 <= m.arousal <= 1.0 and 0.0 <= m.confidence <= 1.0
+
+    # A frame with no audio after it leaves when simulated time reaches its stamp + max_wait_s.
+    late = base + 30 * NS // 10
+    h.publish(VIDEO, late, feature(VIDEO, 30))
+    h.set_clock(late + NS // 2)       # + 0.5 s < max_wait_s 0.6
+    time.sleep(0.3)
+    assert len(h.outputs) == 7
+    h.set_clock(late + 7 * NS // 10)
+    (last,) = h.wait_outputs(8)[7:]
+    assert stamp_ns(last) == late and last.modalities == 1 | 4
+
+
+def test_reset_service_time_jumps_and_gaps_restart_the_memory(harness_factory):
+    h = harness_factory(use_sim_time=True, modalities=['video'])
+    vector = feature(VIDEO, 1.0)
+
+    def run(stamps, stream='alice'):
+        start = len(h.outputs)
+        for s in stamps:
+            h.publish(VIDEO, s, vector, stream=stream)
+        return [(m.valence, m.arousal, m.confidence) for m in h.wait_outputs(start + len(stamps))[start:]]
+
+    t0 = 50 * NS
+    fresh = run([t0 + k * NS // 30 for k in range(4)])
+    assert not np.allclose(fresh[0], fresh[3], atol=1e-6), 'the model keeps no memory; test cannot see resets'
+    # reset service: the same input gives the fresh output again
+    response = h.reset('alice')
+    assert response.success and "'alice'" in response.message
+    assert np.allclose(run([t0 + NS]), fresh[:1], atol=1e-6)
+    unknown = h.reset('nobody')
+    assert not unknown.success and "unknown stream 'nobody'" in unknown.message
+    every = h.reset('')
+    assert every.success and every.message == 'reset 1 streams'
+    assert np.allclose(run([t0 + 2 * NS, t0 + 2 * NS + NS // 30]), fresh[:2], atol=1e-6)
+    # time going backwards (a looping bag) resets; so does a gap longer than reset_after_s
+    assert np.allclose(run([t0]), fresh[:1], atol=1e-6)
+    run([t0 + NS // 30])
+    assert np.allclose(run([t0 + 20 * NS]), fresh[:1], atol=1e-6)
+    stats = h.fusion._collect_diagnostics()[2]
+    assert stats['resets_time_backwards'] == 1 and stats['resets_gap'] == 1 and stats['resets_service'] == 2
+
+
+def test_two_streams_are_kept_apart(harness_factory, checkpoint):
+    h = harness_factory(use_sim_time=True, modalities=['video'])
+    t0 = 10 * NS
+    sequence = []
+    for k in range(6):
+        for stream, seed in (('alice', 0.0), ('bob', 5.0)):
+            vector = feature(VIDEO, seed + k)
+            h.publish(VIDEO, t0 + k * NS // 30, vector, stream=stream)
+            sequence.append((stream, {VIDEO: vector}))
+    outputs = h.wait_outputs(12)
+    for stream in ('alice', 'bob'):
+        mine = [m for m in outputs if m.stream_id == stream]
+        assert [stamp_ns(m) for m in mine] == [t0 + k * NS // 30 for k in range(6)]
+        alone = expected_outputs(checkpoint, [item for item in sequence if item[0] == stream])
+        np.testing.assert_allclose([(m.valence, m.arousal, m.confidence) for m in mine], alone, atol=1e-5)
+    response = h.reset('bob')
+    assert response.success
+    assert h.fusion._collect_diagnostics()[2]['streams'] == 2
+
+
+def test_audio_encoder_dies_and_returns(harness_factory):
+    """Real time: audio stops for 1.5 s -> outputs keep coming within 1 s with audio masked,
+    and carry audio again once it returns."""
+    h = harness_factory()
+    clock = h.fusion.get_clock()
+    period = 1.0 / 30
+    audio_off = (1.0, 2.5)      # seconds after start
+    published = []
+    last_audio = -1.0
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < 3.5:
+        now_ns = clock.now().nanoseconds
+        h.publish(VIDEO, now_ns, feature(VIDEO, elapsed))
+        published.append((now_ns, elapsed))
+        if elapsed - last_audio >= 0.5 and not audio_off[0] <= elapsed < audio_off[1]:
+            h.publish(AUDIO, now_ns, feature(AUDIO, elapsed))
+            last_audio = elapsed
+        time.sleep(max(0.0, start + len(published) * period - time.monotonic()))
+    outputs = h.wait_outputs(len(published), timeout=5.0)
+    time.sleep(0.2)
+    assert [stamp_ns(m) for m in h.outputs] == [s for s, _ in published]   # one per frame, in order
+    gaps = np.diff(h.received_at)
+    assert gaps.max() < 1.0, f'outputs stalled for {gaps.max():.2f} s'
+    elapsed_of = dict(published)
+    latency = [(h.received_at[i] - start) - elapsed_of[stamp_ns(m)] for i, m in enumerate(outputs)]
+    assert max(latency) < 1.0, f'worst stamp-to-output latency {max(latency):.2f} s'
+    bits = {elapsed_of[stamp_ns(m)]: m.modalities for m in outputs}
+    outage = [b for e, b in bits.items() if audio_off[0] + 0.35 <= e < audio_off[1] - 0.35]
+    assert outage and all(b == 1 for b in outage), 'audio must be masked while its encoder is down'
+    before = [b for e, b in bits.items() if 0.1 <= e < audio_off[0] - 0.3]
+    after = [b for e, b in bits.items() if audio_off[1] + 0.1 <= e < 3.0]
+    assert before and all(b == 3 for b in before)
+    assert after and all(b == 3 for b in after), 'audio must come back when its encoder returns'
+    values = h.fusion._collect_diagnostics()[2]
+    assert values['masked_audio'] >= len(outage)
+
+
+def test_mismatched_encoder_is_refused_and_reported(harness_factory):
+    h = harness_factory(use_sim_time=True, modalities=['video'])
+    t0 = 5 * NS
+    h.publish(VIDEO, t0, feature(VIDEO, 0), encoder='other_face@v2')                    # wrong plugin
+    h.publish(VIDEO, t0 + NS // 30, np.zeros(12, np.float32))                            # wrong dim
+    h.publish(VIDEO, t0 + 2 * NS // 30, feature(VIDEO, 1))                               # fine
+    outputs = h.wait_outputs(3)
+    assert [m.modalities for m in outputs] == [0, 0, 1]   # refused embeddings are masked, not fatal
+    level, message, values = h.fusion._collect_diagnostics()
+    assert level == DiagnosticStatus.ERROR and 'refusing video' in message
+    assert values['rejected_video'] == 2
+    from affective_trm_ros.core.alignment import embedding_mismatch
+    expected = {'modality': VIDEO, 'encoder': 'test_video', 'dim': 16}
+    text = embedding_mismatch(expected, VIDEO, 'other_face@v2', 16)
+    assert "'other_face@v2'" in text and "'test_video'" in text
+
+
+def test_diagnostics_are_published(harness_factory):
+    h = harness_factory(diagnostics_period_s=0.2, modalities=['video'])
+    h.publish(VIDEO, h.fusion.get_clock().now().nanoseconds, feature(VIDEO, 0))
+    h.wait_outputs(1)
+    h.wait_until(lambda: any(s.name.endswith('/fusion') and any(kv.key == 'published' and kv.value == '1'
+                                                                for kv in s.values)
+                             for array in list(h.diagnostics) for s in array.status), 'diagnostics')
+    status = next(s for array in reversed(h.diagnostics) for s in array.status if s.name.endswith('/fusion'))
+    keys = {kv.key for kv in status.values}
+    assert {'output_rate_hz', 'latency_p50_ms', 'latency_p95_ms', 'staleness_video_s', 'masked_video',
+            'dropped_late_audio', 'device'} <= keys
+    assert dict((kv.key, kv.value) for kv in status.values)['device'] == 'cpu'
+
+
+def test_parameter_updates_are_validated(harness_factory):
+    h = harness_factory(modalities=['video'])
+    result = h.fusion.set_parameters([Parameter('max_wait_s', value=0.1)])[0]
+    assert not result.successful and 'must be >= audio_slop_s' in result.reason
+    assert h.fusion.get_parameter('max_wait_s').value == 0.6
+    assert h.fusion.set_parameters([Parameter('audio_slop_s', value=0.2)])[0].successful
+    assert h.fusion._alignment.audio_slop_s == 0.2
+    assert not h.fusion.set_parameters([Parameter('checkpoint', value='x.pt')])[0].successful
+
+
+def test_start_up_errors_are_clear(checkpoint, rclpy_context):
+    def build(**params):
+        overrides = [Parameter(k, value=v) for k, v in params.items()]
+        return FusionNode(context=rclpy_context, parameter_overrides=overrides)
+
+    with pytest.raises(ValueError, match="'checkpoint' is empty"):
+        build()
+    with pytest.raises(ValueError, match='must include video'):
+        build(checkpoint=checkpoint, modalities=['audio'])
+    with pytest.raises(FileNotFoundError, match='checkpoint not found'):
+        build(checkpoint='/nonexistent/model.pt')
+
+
+def test_approximate_policy_needs_message_filters(checkpoint, rclpy_context):
+    try:
+        import message_filters  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="sync_policy 'approximate' needs ROS 2 message_filters"):
+            FusionNode(context=rclpy_context, parameter_overrides=[
+                Parameter('checkpoint', value=checkpoint), Parameter('device', value='cpu'),
+                Parameter('sync_policy', value='approximate')])
+    else:
+        node = FusionNode(context=rclpy_context, parameter_overrides=[
+            Parameter('checkpoint', value=checkpoint), Parameter('device', value='cpu'),
+            Parameter('sync_policy', value='approximate')])
+        node.destroy_node()

@@ -1,0 +1,298 @@
+"""Launch files, parameter files and `affective-trm run`: static checks, the layering, and a real run.
+
+Static checks need no `launch`: every executable is a console script, every parameter a YAML file
+sets is declared by its node (the nodes of this area are instantiated with their files; the
+encoder nodes' declarations are read from their source), and the fusion file mirrors the
+alignment defaults. Where `launch_ros` is importable, every launch description is built too.
+"""
+
+import ast
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+import yaml
+from rclpy.executors import SingleThreadedExecutor
+
+from affective_msgs.msg import ModalityEmbedding, ValenceArousal
+from affective_trm_ros import system
+from affective_trm_ros.cli import main as cli_main
+from affective_trm_ros.commands.run import create_nodes, parse_assignments, plan
+from affective_trm_ros.core.alignment import AlignmentConfig
+from affective_trm_ros.nodes.common import RELIABLE_QOS
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+LAUNCH_DIR = PACKAGE_DIR / 'launch'
+CONFIG_DIR = PACKAGE_DIR / 'config'
+NODES_DIR = PACKAGE_DIR / 'affective_trm_ros' / 'nodes'
+#: Parameters every rclpy node has without declaring them.
+BUILTIN_PARAMETERS = {'use_sim_time', 'start_type_description_service'}
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    from test_fusion_node import make_checkpoint
+    return make_checkpoint(tmp_path_factory.mktemp('launch') / 'tiny.pt')
+
+
+def console_scripts() -> dict:
+    """name -> 'module:function' from setup.py's console_scripts (read statically)."""
+    tree = ast.parse((PACKAGE_DIR / 'setup.py').read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == 'console_scripts':
+                    entries = [ast.literal_eval(element) for element in value.elts]
+                    return {name.strip(): target.strip() for name, target in (e.split('=') for e in entries)}
+    raise AssertionError('setup.py has no console_scripts')
+
+
+def yaml_sections(path: Path) -> dict:
+    """node name -> ros__parameters of a ROS 2 parameter file ('/**' = the file's own node)."""
+    content = yaml.safe_load(path.read_text())
+    assert isinstance(content, dict) and content, f'{path.name} holds no parameter sections'
+    sections = {}
+    for key, value in content.items():
+        assert set(value) == {'ros__parameters'}, f'{path.name}: section {key!r} needs only ros__parameters'
+        if key == '/**':
+            name = path.stem
+        else:
+            assert key.startswith('/**/'), f"{path.name}: write '/**/{key}' so the section applies in any namespace"
+            name = key[len('/**/'):]
+        assert name in system.NODES_BY_NAME, f'{path.name}: unknown node {name!r}'
+        sections[name] = value['ros__parameters']
+    return sections
+
+
+def declared_in_source(spec: system.NodeSpec) -> set:
+    """Parameter names a node module (and the sibling node modules it imports) declare."""
+    names, queue, seen = set(), [spec.module], set()
+    while queue:
+        module = queue.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse((NODES_DIR / f'{module}.py').read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                queue.append(node.module)
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if isinstance(func, ast.Name) and func.id == 'declare' and len(node.args) >= 2:
+                argument = node.args[1]
+            elif isinstance(func, ast.Attribute) and func.attr == 'declare_parameter' and node.args:
+                argument = node.args[0]
+            else:
+                continue
+            if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+                names.add(argument.value)
+    return names
+
+
+def instantiate(spec, files, context, **overrides):
+    from rclpy.parameter import Parameter
+    cli_args = ['--ros-args'] + [arg for path in files for arg in ('--params-file', str(path))]
+    return spec.node_class()(context=context, cli_args=cli_args,
+                             parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+
+
+# ---------------------------------------------------------------- static checks
+
+def test_every_launched_executable_is_a_console_script():
+    scripts = console_scripts()
+    for spec in system.NODES:
+        assert spec.executable in scripts, f'{spec.executable} is not a console script in setup.py'
+        module, function = scripts[spec.executable].split(':')
+        assert module == f'affective_trm_ros.nodes.{spec.module}' and function == 'main'
+        assert importlib.util.find_spec(module) is not None, f'{module} does not exist'
+    launch_files = sorted(LAUNCH_DIR.glob('*.launch.py'))
+    assert {p.name for p in launch_files} >= {f'{s.name}.launch.py' for s in system.NODES} | {
+        'affective_trm.launch.py', 'replay.launch.py'}
+    for path in launch_files:
+        tree = ast.parse(path.read_text())
+        functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert 'generate_launch_description' in functions, path.name
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            if getattr(call.func, 'id', '') == 'node_launch_description':
+                assert call.args[0].value in system.NODES_BY_NAME, f'{path.name}: unknown node'
+                assert path.name == f'{call.args[0].value}.launch.py'
+
+
+def test_every_node_has_a_parameter_file_and_every_file_parameter_is_declared(checkpoint, rclpy_context):
+    files = sorted(CONFIG_DIR.glob('*.yaml'))
+    assert {f.name for f in files} >= {spec.config_file for spec in system.NODES} | {system.SYSTEM_CONFIG}
+    for path in files:
+        for name, parameters in yaml_sections(path).items():
+            spec = system.NODES_BY_NAME[name]
+            if spec.name in ('fusion', 'visualizer'):
+                overrides = {'checkpoint': checkpoint} if spec.name == 'fusion' else {}
+                node = instantiate(spec, [path], rclpy_context, **overrides)
+                try:
+                    undeclared = [p for p in parameters if not node.has_parameter(p)]
+                    for key, value in parameters.items():   # and the file's values reach the node
+                        if key not in overrides:
+                            assert node.get_parameter(key).value == value, f'{path.name}: {name}.{key}'
+                finally:
+                    node.destroy_node()
+            else:
+                undeclared = sorted(set(parameters) - declared_in_source(spec) - BUILTIN_PARAMETERS)
+            assert not undeclared, f'{path.name}: {name} does not declare {undeclared}'
+
+
+def test_node_files_document_every_parameter_of_these_nodes(checkpoint, rclpy_context):
+    """fusion.yaml and visualizer.yaml list every parameter the node declares (and nothing else)."""
+    for name in ('fusion', 'visualizer'):
+        spec = system.NODES_BY_NAME[name]
+        path = CONFIG_DIR / spec.config_file
+        overrides = {'checkpoint': checkpoint} if name == 'fusion' else {}
+        node = instantiate(spec, [path], rclpy_context, **overrides)
+        try:
+            declared = set(node.get_parameters_by_prefix('')) - BUILTIN_PARAMETERS
+        finally:
+            node.destroy_node()
+        assert set(yaml_sections(path)[name]) == declared
+
+
+def test_fusion_file_matches_the_alignment_defaults():
+    """Offline preparation uses AlignmentConfig(); the node uses fusion.yaml: they must agree."""
+    parameters = yaml_sections(CONFIG_DIR / 'fusion.yaml')['fusion']
+    assert AlignmentConfig.from_parameters(parameters) == AlignmentConfig()
+
+
+# ---------------------------------------------------------------- the node set and the layering
+
+def test_plan_selects_nodes_and_layers_parameters(tmp_path):
+    default = plan(config_directory=CONFIG_DIR)
+    assert [spec.name for spec, _, _ in default] == ['video_encoder', 'audio_encoder', 'text_encoder', 'fusion']
+    for spec, files, _ in default:
+        assert files == [CONFIG_DIR / spec.config_file, CONFIG_DIR / system.SYSTEM_CONFIG]
+    chosen = plan(config_directory=CONFIG_DIR, modalities='video,audio', visualizer=True, checkpoint='m.pt',
+                  device='cpu', use_sim_time=True, topics={'image_topic': '/cam/image', 'audio_topic': ''},
+                  parameters={'fusion': {'max_wait_s': 2.0}})
+    by_name = {spec.name: overrides for spec, _, overrides in chosen}
+    assert list(by_name) == ['video_encoder', 'audio_encoder', 'fusion', 'visualizer']
+    assert by_name['video_encoder'] == {'use_sim_time': True, 'device': 'cpu', 'image_topic': '/cam/image',
+                                        'compressed_topic': '/cam/image/compressed'}
+    assert by_name['audio_encoder'] == {'use_sim_time': True, 'device': 'cpu'}
+    assert by_name['fusion'] == {'use_sim_time': True, 'device': 'cpu', 'checkpoint': 'm.pt',
+                                 'modalities': ['video', 'audio'], 'max_wait_s': 2.0}
+    assert by_name['visualizer'] == {'use_sim_time': True, 'image_topic': '/cam/image'}
+    assert [s.name for s, _, _ in plan(config_directory=CONFIG_DIR, only='fusion,video')] == [
+        'video_encoder', 'fusion']
+    with pytest.raises(ValueError, match='must include video'):
+        plan(config_directory=CONFIG_DIR, modalities='audio,text')
+    with pytest.raises(ValueError, match=r"unknown nodes \['radar'\]"):
+        plan(config_directory=CONFIG_DIR, only='radar')
+    with pytest.raises(FileNotFoundError, match='parameter file not found'):
+        plan(tmp_path / 'missing.yaml', config_directory=CONFIG_DIR)
+    assert parse_assignments(['fusion.modalities=[video]', 'video_encoder.allow_untrained=true']) == {
+        'fusion': {'modalities': ['video']}, 'video_encoder': {'allow_untrained': True}}
+    with pytest.raises(ValueError, match='NODE.PARAM=VALUE'):
+        parse_assignments(['max_wait_s=1'])
+
+
+def test_create_nodes_applies_files_overrides_and_namespace(checkpoint, tmp_path, rclpy_context):
+    custom = tmp_path / 'system.yaml'
+    custom.write_text('/**/fusion:\n  ros__parameters:\n    max_wait_s: 1.5\n    text_max_age_s: 3.0\n'
+                      '/**/visualizer:\n  ros__parameters:\n    trail_length: 7\n')
+    nodes = create_nodes(custom, only='fusion,visualizer', checkpoint=checkpoint, device='cpu',
+                         modalities='video,text', use_sim_time=True, namespace='robot1',
+                         parameters={'fusion': {'text_max_age_s': 4.0}}, context=rclpy_context,
+                         config_directory=CONFIG_DIR)
+    try:
+        fusion, visualizer = nodes
+        assert fusion.get_fully_qualified_name() == '/robot1/fusion'
+        assert fusion.get_parameter('max_wait_s').value == 1.5          # system file over fusion.yaml
+        assert fusion.get_parameter('text_max_age_s').value == 4.0      # override over both
+        assert fusion.get_parameter('audio_slop_s').value == 0.3        # fusion.yaml
+        assert fusion.get_parameter('modalities').value == ['video', 'text']
+        assert fusion.get_parameter('use_sim_time').value is True
+        assert visualizer.get_parameter('trail_length').value == 7
+    finally:
+        for node in nodes:
+            node.destroy_node()
+    with pytest.raises(ValueError, match="'checkpoint' is empty"):
+        create_nodes(custom, only='fusion', context=rclpy_context, config_directory=CONFIG_DIR)
+
+
+def test_run_command_dry_run(capsys):
+    assert cli_main(['run', '--dry-run', '--only', 'fusion', '--checkpoint', 'x.pt']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('fusion: ') and 'fusion.yaml' in out and "'checkpoint': 'x.pt'" in out
+    assert cli_main(['run', '--dry-run', '--modalities', 'text']) == 2
+
+
+def test_run_command_serves_the_fusion_over_dds(checkpoint, rclpy_context):
+    """`affective-trm run` in its own process: embeddings in, estimates out, Ctrl-C stops it cleanly."""
+    command = [sys.executable, '-m', 'affective_trm_ros.cli', 'run', '--only', 'fusion', '--checkpoint',
+               checkpoint, '--device', 'cpu', '--modalities', 'video', '--namespace', 'runtest']
+    process = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    node = rclpy.create_node('run_test_client', context=rclpy_context)
+    publisher = node.create_publisher(ModalityEmbedding, '/runtest/affect/embedding/video', RELIABLE_QOS)
+    received = []
+    node.create_subscription(ValenceArousal, '/runtest/affect/valence_arousal', received.append, RELIABLE_QOS)
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    executor.add_node(node)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60.0
+        while not (publisher.get_subscription_count() and node.count_publishers('/runtest/affect/valence_arousal')):
+            assert process.poll() is None, f'run exited early: {"".join(output)}'
+            assert time.monotonic() < deadline, 'the fusion node never appeared'
+            executor.spin_once(timeout_sec=0.05)
+        msg = ModalityEmbedding(stream_id='default', modality='video', encoder='test_video@x', valid=True,
+                                data=np.ones(16, np.float32).tolist())
+        msg.header.stamp.sec, msg.header.stamp.nanosec = 42, 7
+        publisher.publish(msg)
+        deadline = time.monotonic() + 10.0
+        while not received and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        assert received and (received[0].header.stamp.sec, received[0].header.stamp.nanosec) == (42, 7)
+        assert received[0].modalities == 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        executor.shutdown()
+        node.destroy_node()
+        reader.join(5)
+    assert code == 0, ''.join(output)
+    assert 'running /runtest/fusion' in ''.join(output)
+
+
+# ---------------------------------------------------------------- with launch installed
+
+def test_launch_descriptions_build():
+    pytest.importorskip('launch_ros')
+    from launch import LaunchContext, LaunchDescription
+    from launch_ros.actions import Node
+
+    for path in sorted(LAUNCH_DIR.glob('*.launch.py')):
+        spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        description = module.generate_launch_description()
+        assert isinstance(description, LaunchDescription), path.name
+        assert description.get_launch_arguments(), path.name
+    context = LaunchContext()
+    context.launch_configurations.update({name: default for name, (default, _) in
+                                          {**system.COMMON_ARGUMENTS, **system.SYSTEM_ARGUMENTS}.items()})
+    context.launch_configurations.update(modalities='video,text', visualizer='true', checkpoint='m.pt')
+    nodes = system._system_nodes(context)
+    assert all(isinstance(n, Node) for n in nodes)
+    assert [n.node_executable for n in nodes] == ['video_encoder', 'text_encoder', 'fusion', 'visualizer']

