@@ -315,3 +315,14 @@ def test_embed_windows_skips_silence_and_keeps_encoder_validity():
     np.testing.assert_allclose(results[0].vector, [0.3, 0.3], rtol=1e-6)
     assert encoder.calls == 1                             # one batch for the audible windows
     assert embed_windows(encoder, windows[1:2], -60.0)[0].reason == 'silent' and encoder.calls == 1
+
+
+def test_audio_format_from_an_audio_info_message():
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(channels=2, sample_rate=44100, sample_format=' s16le ', bitrate=0,
+                           coding_format='wave')
+    fmt = AudioFormat.from_info(info)
+    assert fmt == AudioFormat(44100, 2, 'S16LE', 'wave') and fmt.validate() is None
+    assert 'sample_rate' in AudioFormat(0, 1, 'S16LE').validate()
+    assert 'channels' in AudioFormat(16000, 0, 'S16LE').validate()

@@ -263,10 +263,12 @@ def test_video_max_rate_limits_processing(harness):
     while time.monotonic() - started < 1.6:
         raw.publish(image_msg('rgb8', frame()))
         time.sleep(0.02)
-    time.sleep(0.3)
-    # 4 Hz over ~1.9 s: about 8 frames, far fewer than the ~80 sent.
+    wait_for(lambda: node.worker.pending() == 0, 'the last waiting frame')
+    time.sleep(0.1)
+    # 4 Hz for ~1.6 s (+ the last frame): about 8 frames, far fewer than the ~80 sent.
     assert 4 <= len(out) <= 10
-    assert node.worker.dropped >= 50
+    assert node.counts['inputs'] >= 3 * len(out)
+    assert node.worker.dropped == node.counts['inputs'] - len(out)
 
 
 def test_video_parameters_are_validated(harness):

@@ -145,19 +145,24 @@ def test_plain_state_dict_file_also_loads(tmp_path, pickles, astronaut, afew_enc
     np.testing.assert_allclose(encoder.encode(astronaut)[0], afew_encoder.encode(astronaut)[0], atol=1e-6)
 
 
-def test_pickle_referencing_classes_that_no_longer_exist(tmp_path, pickles):
-    """Old HSEmotion pickles name timm classes by paths that later timm versions moved."""
-    _, models = pickles
+def test_pickle_referencing_classes_that_no_longer_exist(tmp_path):
+    """Old HSEmotion pickles name timm classes by module paths later timm versions removed
+    (e.g. timm.models.efficientnet_blocks); every timm class here is saved under a vanished module."""
     legacy = types.ModuleType('timm_legacy_layout')
-    legacy.EfficientNet = type('EfficientNet', (type(models['afew']),), {'__module__': 'timm_legacy_layout'})
     sys.modules['timm_legacy_layout'] = legacy
     try:
         model = hsemotion_like_model(8, sequential_head=True, seed=3)
-        model.__class__ = legacy.EfficientNet
+        for module in model.modules():
+            cls = type(module)
+            if cls.__module__.startswith('timm'):
+                if not hasattr(legacy, cls.__name__):
+                    setattr(legacy, cls.__name__, type(cls.__name__, (cls,), {'__module__': legacy.__name__}))
+                module.__class__ = getattr(legacy, cls.__name__)
         path = tmp_path / 'legacy.pt'
         torch.save(model, path)
     finally:
         del sys.modules['timm_legacy_layout']
+    assert b'timm_legacy_layout' in path.read_bytes()
     state = load_hsemotion_state_dict(path)
     assert set(state) == set(model.state_dict())
     for key, tensor in model.state_dict().items():

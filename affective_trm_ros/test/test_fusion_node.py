@@ -247,6 +247,20 @@ def test_two_streams_are_kept_apart(harness_factory, checkpoint):
     assert h.fusion._collect_diagnostics()[2]['streams'] == 2
 
 
+def test_idle_streams_are_forgotten_and_stream_count_is_bounded(harness_factory):
+    h = harness_factory(use_sim_time=True, modalities=['video'], stream_forget_after_s=1.0, max_streams=2)
+    t0 = 10 * NS
+    for index, stream in enumerate(('a', 'b', 'c')):   # 'c' evicts the least recently active, 'a'
+        h.publish(VIDEO, t0 + index * NS // 30, feature(VIDEO, index), stream=stream)
+        h.wait_outputs(index + 1)
+    assert sorted(h.fusion._aligners) == ['b', 'c']
+    assert h.fusion._collect_diagnostics()[2]['streams'] == 2
+    h.set_clock(t0 + 5 * NS)       # no embedding for longer than stream_forget_after_s
+    h.wait_until(lambda: not h.fusion._aligners, 'idle streams forgotten')
+    assert h.fusion._predictor.streams() == []
+    assert h.fusion._ingest_counts['streams_evicted'] == 1
+
+
 def test_audio_encoder_dies_and_returns(harness_factory):
     """Real time: audio stops for 1.5 s -> outputs keep coming within 1 s with audio masked,
     and carry audio again once it returns."""

@@ -10,6 +10,7 @@ from affective_trm_ros.core.image import (
     SUPPORTED_ENCODINGS,
     ImageDecodeError,
     compressed_to_rgb,
+    frame_to_rgb,
     image_msg_to_rgb,
     image_to_rgb,
 )
@@ -161,10 +162,11 @@ def test_bad_compressed_images(fmt, data, match):
         compressed_to_rgb(fmt, data)
 
 
-def test_truncated_png_is_refused(rgb):
-    ok, png = cv2.imencode('.png', rgb)
-    with pytest.raises(ImageDecodeError):
-        compressed_to_rgb('png', png.tobytes()[: len(png) // 2])
+@pytest.mark.parametrize('codec', ['png', 'jpg'])
+def test_truncated_payloads_are_refused(rgb, codec):
+    ok, payload = cv2.imencode('.' + codec, cv2.resize(rgb, (160, 120)))
+    with pytest.raises(ImageDecodeError, match='cannot decode'):
+        compressed_to_rgb(codec, payload.tobytes()[: int(len(payload) * 0.9)])
 
 
 def _image_msg(encoding, pixels, step, is_bigendian=False):
@@ -205,3 +207,17 @@ def test_cv_bridge_and_numpy_converters_agree(rgb):
             bridged = image_msg_to_rgb(msg, use_cv_bridge=True)
             plain = image_msg_to_rgb(msg, use_cv_bridge=False)
             np.testing.assert_array_equal(bridged, plain, err_msg=f'{encoding} step {step}')
+
+
+def test_frame_to_rgb_dispatches_raw_and_compressed_messages_of_any_origin(rgb):
+    from types import SimpleNamespace
+
+    # Messages as rosbags deserialises them: plain objects whose data is a NumPy array.
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    raw = SimpleNamespace(encoding='bgr8', height=HEIGHT, width=WIDTH, step=WIDTH * 3 + 1, is_bigendian=0,
+                          data=np.frombuffer(pack(bgr, WIDTH * 3 + 1), np.uint8))
+    np.testing.assert_array_equal(frame_to_rgb(raw), rgb)
+    ok, png = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    np.testing.assert_array_equal(frame_to_rgb(SimpleNamespace(format='png', data=png.reshape(-1))), rgb)
+    with pytest.raises(ImageDecodeError, match='neither'):
+        frame_to_rgb(SimpleNamespace(data=b''))

@@ -65,7 +65,7 @@ def yaml_sections(path: Path) -> dict:
         if key == '/**':
             name = path.stem
         else:
-            assert key.startswith('/**/'), f"{path.name}: write '/**/{key}' so the section applies in any namespace"
+            assert key.startswith('/**/'), f"{path.name}: write '/**/{key}' (any namespace)"
             name = key[len('/**/'):]
         assert name in system.NODES_BY_NAME, f'{path.name}: unknown node {name!r}'
         sections[name] = value['ros__parameters']
@@ -172,7 +172,7 @@ def test_fusion_file_matches_the_alignment_defaults():
 
 def test_plan_selects_nodes_and_layers_parameters(tmp_path):
     default = plan(config_directory=CONFIG_DIR)
-    assert [spec.name for spec, _, _ in default] == ['video_encoder', 'audio_encoder', 'text_encoder', 'fusion']
+    assert [s.name for s, _, _ in default] == ['video_encoder', 'audio_encoder', 'text_encoder', 'fusion']
     for spec, files, _ in default:
         assert files == [CONFIG_DIR / spec.config_file, CONFIG_DIR / system.SYSTEM_CONFIG]
     chosen = plan(config_directory=CONFIG_DIR, modalities='video,audio', visualizer=True, checkpoint='m.pt',
@@ -235,8 +235,8 @@ def test_run_command_serves_the_fusion_over_dds(checkpoint, rclpy_context):
     """`affective-trm run` in its own process: embeddings in, estimates out, Ctrl-C stops it cleanly."""
     command = [sys.executable, '-m', 'affective_trm_ros.cli', 'run', '--only', 'fusion', '--checkpoint',
                checkpoint, '--device', 'cpu', '--modalities', 'video', '--namespace', 'runtest']
-    process = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     node = rclpy.create_node('run_test_client', context=rclpy_context)
     publisher = node.create_publisher(ModalityEmbedding, '/runtest/affect/embedding/video', RELIABLE_QOS)
     received = []
@@ -248,7 +248,8 @@ def test_run_command_serves_the_fusion_over_dds(checkpoint, rclpy_context):
     reader.start()
     try:
         deadline = time.monotonic() + 60.0
-        while not (publisher.get_subscription_count() and node.count_publishers('/runtest/affect/valence_arousal')):
+        output_topic = '/runtest/affect/valence_arousal'
+        while not (publisher.get_subscription_count() and node.count_publishers(output_topic)):
             assert process.poll() is None, f'run exited early: {"".join(output)}'
             assert time.monotonic() < deadline, 'the fusion node never appeared'
             executor.spin_once(timeout_sec=0.05)

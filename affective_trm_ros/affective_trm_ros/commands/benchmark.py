@@ -19,6 +19,8 @@ from pathlib import Path
 EXTERNAL = {
     'encoders': ('affective_trm_ros.core.encoders.bench', 'time the encoder plugins'),
     'fusion': ('affective_trm_ros.training.fusion_bench', 'time the fusion pipeline'),
+    'video-node': ('affective_trm_ros.nodes.video_node_bench',
+                   'achieved rate of the video encoder node on a simulated camera'),
 }
 # Warm-up steps before timing: first calls pay for allocations and kernel selection.
 DEFAULT_WARMUP = 50

@@ -101,21 +101,25 @@ def create_nodes(config=None, *, namespace: str = '', context=None, **plan_kwarg
     """
     from rclpy.parameter import Parameter
 
-    nodes = []
+    steps = plan(config, **plan_kwargs)
+    # The fusion node first: it starts in a second, and a missing checkpoint should not wait for the
+    # encoders to load their weights.
+    order = sorted(range(len(steps)), key=lambda i: steps[i][0].name != 'fusion')
+    built = {}
     try:
-        for spec, files, overrides in plan(config, **plan_kwargs):
+        for index in order:
+            spec, files, overrides = steps[index]
             cli_args = ['--ros-args']
             for path in files:
                 cli_args += ['--params-file', str(path)]
-            node_class = spec.node_class()
             values = [Parameter(name, value=value) for name, value in overrides.items()]
-            nodes.append(node_class(context=context, namespace=namespace or None, cli_args=cli_args,
-                                    parameter_overrides=values))
+            built[index] = spec.node_class()(context=context, namespace=namespace or None, cli_args=cli_args,
+                                             parameter_overrides=values)
     except BaseException:
-        for node in nodes:
+        for node in built.values():
             node.destroy_node()
         raise
-    return nodes
+    return [built[index] for index in range(len(steps))]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -375,6 +375,12 @@ class AudioFormat:
     sample_format: str = 'S16LE'
     coding_format: str = ''
 
+    @classmethod
+    def from_info(cls, info: Any) -> AudioFormat:
+        """From an ``AudioInfo`` message (rclpy or rosbags): the node and offline use this same mapping."""
+        return cls(int(info.sample_rate), int(info.channels), str(info.sample_format).strip().upper(),
+                   str(info.coding_format).strip())
+
     def validate(self) -> Optional[str]:
         """Error message when this stream cannot be decoded, or None."""
         if not 0 < int(self.sample_rate) <= MAX_SAMPLE_RATE:

@@ -12,7 +12,6 @@ where cv_bridge exists). 16-bit images are scaled to 8 bits the way cv_bridge do
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -177,6 +176,13 @@ def image_msg_to_rgb(msg: Any, use_cv_bridge: bool = True) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def native_is_bigendian() -> bool:
-    """The ``is_bigendian`` value of images built from this machine's native arrays."""
-    return sys.byteorder == 'big'
+def frame_to_rgb(msg: Any, use_cv_bridge: bool = True) -> np.ndarray:
+    """An ``Image`` or ``CompressedImage`` message (rclpy or rosbags) to (H, W, 3) uint8 RGB.
+
+    The one entry point for camera frames: the video node and offline extraction both call it.
+    """
+    if hasattr(msg, 'encoding'):
+        return image_msg_to_rgb(msg, use_cv_bridge)
+    if hasattr(msg, 'format'):
+        return compressed_to_rgb(msg.format, msg.data)
+    raise ImageDecodeError(f'{type(msg).__name__} is neither a sensor_msgs/Image nor a CompressedImage')

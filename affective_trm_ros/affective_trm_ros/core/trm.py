@@ -54,6 +54,9 @@ CERTAINTY_BIAS_INIT = 3.0
 SWIGLU_MULTIPLE = 256
 
 MIXERS = ('attention', 'mlp')
+# How gradients reach the state carried in from the previous frame through the gradient-free
+# recursions: 'identity' (Jacobian-free, as if those recursions were the identity) or 'none'.
+STATE_GRADIENTS = ('identity', 'none')
 
 
 def swiglu_width(hidden_size: int, expansion: float, multiple: int = SWIGLU_MULTIPLE) -> int:
@@ -107,6 +110,7 @@ class TRMConfig:
     l_cycles: int = 2
     grad_cycles: int = 1
     mixer: str = 'attention'
+    state_gradient: str = 'identity'
     seed_compatible: bool = False
     rms_norm_eps: float = RMS_NORM_EPS
     rope_theta: float = 10000.0
@@ -121,6 +125,8 @@ class TRMConfig:
             raise ValueError(f'grad_cycles ({self.grad_cycles}) cannot exceed h_cycles ({self.h_cycles})')
         if self.hidden_size % self.num_heads:
             raise ValueError(f'hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}')
+        if self.state_gradient not in STATE_GRADIENTS:
+            raise ValueError(f'state_gradient must be one of {STATE_GRADIENTS}, got {self.state_gradient!r}')
         if self.mixer not in MIXERS:
             raise ValueError(f'mixer must be one of {MIXERS}, got {self.mixer!r}')
         if self.seed_compatible and self.mixer != 'attention':
@@ -479,9 +485,15 @@ class StatefulTRM(FusionModel):
         cfg = self.config
         no_grad_cycles = cfg.h_cycles - cfg.grad_cycles
         if no_grad_cycles > 0:
+            y_in, z_in = y, z
             with torch.no_grad():
                 for _ in range(no_grad_cycles):
                     y, z = self._cycle(x_tokens, y, z)
+            if cfg.state_gradient == 'identity' and torch.is_grad_enabled():
+                # Jacobian-free backward: the gradient reaches the carried state as if the
+                # gradient-free recursions were the identity (their values are unchanged).
+                y = y + (y_in - y_in.detach())
+                z = z + (z_in - z_in.detach())
         for _ in range(cfg.grad_cycles):
             y, z = self._cycle(x_tokens, y, z)
         return y, z

@@ -60,12 +60,6 @@ def validate_parameters(params: dict) -> Optional[str]:
     return None
 
 
-def format_from_info(info) -> audio_core.AudioFormat:
-    """An AudioInfo message as the core's AudioFormat (sample format upper-cased)."""
-    return audio_core.AudioFormat(int(info.sample_rate), int(info.channels),
-                                  str(info.sample_format).strip().upper(), str(info.coding_format).strip())
-
-
 def stamp_to_seconds(stamp) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
@@ -151,7 +145,7 @@ class AudioEncoderNode(EncoderNode):
             f"until an AudioInfo arrives on '{p['audio_info_topic']}'")
 
     def _on_info(self, info) -> None:
-        fmt = format_from_info(info)
+        fmt = audio_core.AudioFormat.from_info(info)
         error = fmt.validate()
         if error:
             # Kept anyway: audio in an undecodable format must be refused, not misread.

@@ -213,7 +213,7 @@ class EncoderNode(Node):
                                                 self.output_qos())
         self.worker = BoundedWorker(self._process_timed, capacity, f'{self.get_name()}_worker',
                                     self._on_worker_error, min_interval_s)
-        Diagnostics(self, self._collect_diagnostics, self.params['diagnostics_period_s'],
+        self._diagnostics = Diagnostics(self, self._collect_diagnostics, self.params['diagnostics_period_s'],
                     hardware_id=str(self.encoder.device))
 
     def output_qos(self):

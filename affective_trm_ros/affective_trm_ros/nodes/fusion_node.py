@@ -13,6 +13,7 @@ The alignment policy lives in :mod:`affective_trm_ros.core.alignment`; the model
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import threading
 import time
@@ -63,8 +64,7 @@ class FusionNode(Node):
         self._declare_parameters()
         params = self._parameter_values()
         _check_static_parameters(params)
-        self._alignment = AlignmentConfig.from_parameters(params,
-                                                          wait_for_audio=AUDIO in params['modalities'])
+        self._alignment = AlignmentConfig.from_parameters(params)  # fails early on bad values
 
         from ..core.predictor import FusionPredictor  # torch import: only when a node is built
         self._predictor = FusionPredictor(params['checkpoint'], device=params['device'])
@@ -76,8 +76,9 @@ class FusionNode(Node):
                              f'{self._predictor.encoder_spec}); the fusion is clocked by video')
         if unused:
             self.get_logger().warning(f'the checkpoint takes no {unused} input; those embeddings are ignored')
-        if AUDIO not in self._used:
-            self._alignment = AlignmentConfig.from_parameters(params, wait_for_audio=False)
+        # Frames wait for audio only when audio is fused (and not already paired by a synchronizer).
+        self._alignment = dataclasses.replace(self._alignment, wait_for_audio=AUDIO in self._used
+                                              and params['sync_policy'] == 'video_clocked')
         self._shared_audio_text = bool(params['shared_audio_text'])
         self._max_streams = int(params['max_streams'])
         self._forget_after_s = float(params['stream_forget_after_s'])
@@ -175,7 +176,6 @@ class FusionNode(Node):
             if AUDIO not in self._used:
                 raise ValueError("sync_policy 'approximate' pairs video with audio; "
                                  "add 'audio' to modalities")
-            self._alignment = AlignmentConfig.from_parameters(params, wait_for_audio=False)
             subscribers = [message_filters.Subscriber(self, ModalityEmbedding, EMBEDDING_TOPICS[m],
                                                       qos_profile=RELIABLE_QOS,
                                                       callback_group=self._ingest_group)
@@ -215,7 +215,7 @@ class FusionNode(Node):
         problem = self._check_cache[key]
         if problem is not None:
             counts[f'rejected_{modality}'] += 1
-            self._log_error(key, f'refusing {problem} (checkpoint '
+            self._log_error(key, f"{problem}; refusing them (checkpoint "
                                  f"{self.get_parameter('checkpoint').value})")
             return None
         if not msg.valid:
@@ -282,6 +282,9 @@ class FusionNode(Node):
                 idle_s = now_s - self._last_activity.get(stream, now_s)
                 if steps:
                     due[stream] = steps
+                    # Releasing counts as activity: a clock that starts after the first messages
+                    # (simulated time) must not make a live stream look idle.
+                    self._last_activity[stream] = now_s
                 elif not aligner.pending and idle_s > self._forget_after_s:
                     self._retire(stream)
                     self.get_logger().info(f"stream '{stream}' idle for {self._forget_after_s} s: forgotten")
@@ -420,6 +423,8 @@ class FusionNode(Node):
         return self.get_clock().now().nanoseconds * 1e-9
 
     def _log_error(self, key, message: str) -> None:
+        if len(self._last_error) > 256:  # bounded: a misbehaving publisher cannot grow it
+            self._last_error.clear()
         now = time.monotonic()
         if now - self._last_error.get(key, -math.inf) >= ERROR_PERIOD_S:
             self._last_error[key] = now

@@ -96,10 +96,7 @@ class VideoEncoderNode(EncoderNode):
 
     def process(self, msg) -> None:
         try:
-            if isinstance(msg, CompressedImage):
-                rgb = image_conversion.compressed_to_rgb(msg.format, msg.data)
-            else:
-                rgb = image_conversion.image_msg_to_rgb(msg)
+            rgb = image_conversion.frame_to_rgb(msg)
         except image_conversion.ImageDecodeError as error:
             self.warn('bad_image', f'cannot use a frame on {type(msg).__name__}: {error}')
             self.publish_embedding(msg.header.stamp, msg.header.frame_id, None)

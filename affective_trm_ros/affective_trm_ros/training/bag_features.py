@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -112,6 +113,92 @@ def encoder_spec(encoders: Mapping[str, Encoder]) -> list:
     """The feature store / checkpoint encoder spec of loaded encoders (plus their identities)."""
     return [{'modality': m, 'encoder': encoders[m].plugin_id, 'dim': int(encoders[m].dim),
              'identity': encoders[m].identity} for m in FEATURE_ORDER if m in encoders]
+
+
+# ---------------------------------------------------------------- the nodes' settings, offline
+
+# Node parameters each encoder node offers to its plugin (when the plugin's constructor takes them).
+VIDEO_NODE_OPTIONS = ('detector', 'face_margin', 'min_face_size', 'min_face_confidence')
+
+
+def node_parameters(node: str, system_config=None, overrides: Optional[Mapping[str, Any]] = None,
+                    config_directory=None) -> dict:
+    """The parameters ``node`` runs with: its config/<node>.yaml, the system file, then ``overrides``.
+
+    Parameter files are read the way ``--params-file`` applies them: the ``ros__parameters`` of
+    every section whose key matches the node ('/**', '/**/<node>', '<node>', '/<node>').
+    """
+    import yaml
+
+    from ..system import NODES_BY_NAME, SYSTEM_CONFIG, config_dir, parameter_files
+
+    directory = Path(config_directory) if config_directory else config_dir()
+    system_config = Path(system_config) if system_config else directory / SYSTEM_CONFIG
+    values: dict = {}
+    for path in parameter_files(NODES_BY_NAME[node], system_config if system_config.is_file() else None,
+                                directory):
+        document = yaml.safe_load(Path(path).read_text()) or {}
+        for key, section in document.items():
+            if key in ('/**', f'/**/{node}', node, f'/{node}') and isinstance(section, dict):
+                values.update(section.get('ros__parameters') or {})
+    values.update(overrides or {})
+    return values
+
+
+@dataclass
+class NodeSettings:
+    """What offline extraction needs to match the nodes: plugins, their options, windowing, alignment."""
+
+    plugins: dict            # modality -> plugin id
+    options: dict            # modality -> plugin constructor options (as the node passes them)
+    allow_untrained: dict    # modality -> bool
+    audio: AudioOptions
+    alignment: AlignmentConfig
+    weights: dict = field(default_factory=dict)  # modality -> explicit weight path (None = the cache)
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any]], modalities=FEATURE_ORDER) -> NodeSettings:
+        """From effective node parameters {'video_encoder': {...}, 'audio_encoder': {...}, 'fusion': {...}}."""
+        from ..core.encoders.base import encoder_class
+
+        plugins, options, untrained, weights = {}, {}, {}, {}
+        for modality in modalities:
+            params = dict(parameters.get(f'{modality}_encoder', {}))
+            if not params:
+                continue
+            plugins[modality] = str(params['plugin'])
+            offered = {}
+            if modality == VIDEO:
+                offered = {name: params[name] for name in VIDEO_NODE_OPTIONS if name in params}
+            elif modality == AUDIO and 'silence_threshold_dbfs' in params:
+                offered = {'silence_threshold': 10.0 ** (float(params['silence_threshold_dbfs']) / 20.0)}
+            accepted = inspect.signature(encoder_class(plugins[modality]).__init__).parameters
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+            offered = {k: v for k, v in offered.items() if takes_any or k in accepted}
+            options[modality] = {**offered, **json.loads(params.get('encoder_options', '{}') or '{}')}
+            untrained[modality] = bool(params.get('allow_untrained', False))
+            weights[modality] = str(params.get('weights', '') or '') or None
+        audio_params = dict(parameters.get('audio_encoder', {}))
+        defaults = AudioOptions()
+        audio = AudioOptions(**{f: type(getattr(defaults, f))(audio_params[f]) for f in
+                                ('window_s', 'hop_s', 'silence_threshold_dbfs', 'sample_rate', 'channels',
+                                 'sample_format') if f in audio_params})
+        alignment = AlignmentConfig.from_parameters(dict(parameters.get('fusion', {})),
+                                                    wait_for_audio=AUDIO in plugins)
+        return cls(plugins, options, untrained, audio, alignment, weights)
+
+    def load_encoders(self, device: str = 'cpu') -> dict:
+        """The encoders, constructed exactly as the nodes construct theirs."""
+        encoders = {}
+        for modality in FEATURE_ORDER:
+            if modality in self.plugins:
+                options = dict(self.options[modality])
+                if self.weights.get(modality):
+                    options['weights'] = self.weights[modality]
+                encoders.update(load_encoders({modality: self.plugins[modality]}, device=device,
+                                              allow_untrained=self.allow_untrained[modality],
+                                              options={modality: options}))
+        return encoders
 
 
 # ---------------------------------------------------------------- extraction

@@ -61,6 +61,41 @@ def normalize_encoder_spec(spec) -> list:
     return entries
 
 
+def validate_session(session_id: str, dims: dict, timestamps, features: dict, mask, labels) -> tuple:
+    """Check one session's arrays against the store's dims; returns them as (timestamps float64,
+    {modality: (T, dim) float32}, mask (T, M) bool, labels (T, 2) float32). ValueError names the problem.
+    """
+    if not _SESSION_ID_PATTERN.match(session_id or ''):
+        raise ValueError(f'session id {session_id!r} must match {_SESSION_ID_PATTERN.pattern}')
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    if timestamps.ndim != 1 or timestamps.size == 0:
+        raise ValueError(f'{session_id}: timestamps must be a non-empty 1-D array, got {timestamps.shape}')
+    if np.any(np.diff(timestamps) < 0):
+        raise ValueError(f'{session_id}: timestamps must not decrease')
+    frames = timestamps.shape[0]
+    if set(features) != set(dims):
+        raise ValueError(f'{session_id}: features for {sorted(features)} given, the store holds {list(dims)}')
+    arrays = {}
+    for name, dim in dims.items():
+        block = np.asarray(features[name], dtype=np.float32)
+        if block.shape != (frames, dim):
+            raise ValueError(f'{session_id}: {name} features have shape {block.shape}, expected {(frames, dim)}')
+        if not np.all(np.isfinite(block)):
+            raise ValueError(f'{session_id}: {name} features contain NaN or inf')
+        arrays[name] = block
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (frames, len(dims)):
+        raise ValueError(f'{session_id}: mask has shape {mask.shape}, expected {(frames, len(dims))} '
+                         f'(columns {list(dims)})')
+    labels = np.asarray(labels, dtype=np.float32)
+    if labels.shape != (frames, 2):
+        raise ValueError(f'{session_id}: labels have shape {labels.shape}, expected {(frames, 2)}')
+    finite = labels[np.isfinite(labels)]
+    if finite.size and (finite.min() < -1.0 or finite.max() > 1.0):
+        raise ValueError(f'{session_id}: labels must lie in [-1, 1] (NaN = unlabelled)')
+    return timestamps, arrays, mask, labels
+
+
 @dataclass
 class Session:
     """One recorded stream: per-frame aligned features, modality mask and labels."""
@@ -95,7 +130,30 @@ def _atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-class FeatureStore:
+class _SpecView:
+    """Read-only views of the encoder spec shared by the stores (``self._spec`` holds it)."""
+
+    _spec: list
+
+    @property
+    def encoder_spec(self) -> list:
+        return [dict(entry) for entry in self._spec]
+
+    @property
+    def modalities(self) -> list:
+        return [entry['modality'] for entry in self._spec]
+
+    @property
+    def dims(self) -> dict:
+        """modality -> feature dimension, in FEATURE_ORDER."""
+        return {entry['modality']: entry['dim'] for entry in self._spec}
+
+    @property
+    def input_dim(self) -> int:
+        return sum(self.dims.values())
+
+
+class FeatureStore(_SpecView):
     """A directory of sessions sharing one encoder spec.
 
     ``FeatureStore(root)`` opens an existing store. ``FeatureStore(root, encoder_spec=spec)``
@@ -130,25 +188,9 @@ class FeatureStore:
             raise FileNotFoundError(f'no feature store at {self.root} ({INDEX_NAME} missing); '
                                     f"create one with 'affective-trm prepare'")
         (self.root / SESSIONS_DIR).mkdir(parents=True, exist_ok=True)
+        self._spec = self._index['encoder_spec']
 
-    # ---- description --------------------------------------------------------------------------
-    @property
-    def encoder_spec(self) -> list:
-        return [dict(entry) for entry in self._index['encoder_spec']]
-
-    @property
-    def modalities(self) -> list:
-        return [entry['modality'] for entry in self._index['encoder_spec']]
-
-    @property
-    def dims(self) -> dict:
-        """modality -> feature dimension, in FEATURE_ORDER."""
-        return {entry['modality']: entry['dim'] for entry in self._index['encoder_spec']}
-
-    @property
-    def input_dim(self) -> int:
-        return sum(self.dims.values())
-
+    # ---- description ----------------------------------------------------------------------------
     def session_ids(self) -> list:
         return sorted(self._index['sessions'])
 
@@ -173,46 +215,20 @@ class FeatureStore:
     def write_session(self, session_id: str, *, speaker, timestamps, features: dict, mask, labels,
                       meta: Optional[dict] = None) -> None:
         """Validate and store one session (replacing a previous one of the same id)."""
-        if not _SESSION_ID_PATTERN.match(session_id or ''):
-            raise ValueError(f'session id {session_id!r} must match {_SESSION_ID_PATTERN.pattern}')
-        timestamps = np.asarray(timestamps, dtype=np.float64)
-        if timestamps.ndim != 1 or timestamps.size == 0:
-            raise ValueError(f'{session_id}: timestamps must be a non-empty 1-D array, got {timestamps.shape}')
-        if np.any(np.diff(timestamps) < 0):
-            raise ValueError(f'{session_id}: timestamps must not decrease')
-        frames = timestamps.shape[0]
-        dims = self.dims
-        if set(features) != set(dims):
-            raise ValueError(f'{session_id}: features for {sorted(features)} given, the store holds {list(dims)}')
-        arrays = {}
-        for name, dim in dims.items():
-            block = np.asarray(features[name], dtype=np.float32)
-            if block.shape != (frames, dim):
-                raise ValueError(f'{session_id}: {name} features have shape {block.shape}, expected {(frames, dim)}')
-            if not np.all(np.isfinite(block)):
-                raise ValueError(f'{session_id}: {name} features contain NaN or inf')
-            arrays[f'feat_{name}'] = block
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (frames, len(dims)):
-            raise ValueError(f'{session_id}: mask has shape {mask.shape}, expected {(frames, len(dims))} '
-                             f'(columns {list(dims)})')
-        labels = np.asarray(labels, dtype=np.float32)
-        if labels.shape != (frames, 2):
-            raise ValueError(f'{session_id}: labels have shape {labels.shape}, expected {(frames, 2)}')
-        finite = labels[np.isfinite(labels)]
-        if finite.size and (finite.min() < -1.0 or finite.max() > 1.0):
-            raise ValueError(f'{session_id}: labels must lie in [-1, 1] (NaN = unlabelled)')
+        timestamps, arrays, mask, labels = validate_session(session_id, self.dims, timestamps, features,
+                                                            mask, labels)
         meta = dict(meta or {})
         file_name = f'{SESSIONS_DIR}/{session_id}.npz'
         path = self.root / file_name
+        blocks = {f'feat_{name}': block for name, block in arrays.items()}
 
         def write(handle):
             np.savez(handle, timestamps=timestamps, mask=mask, labels=labels,
-                     speaker=np.array(str(speaker)), meta=np.array(json.dumps(meta)), **arrays)
+                     speaker=np.array(str(speaker)), meta=np.array(json.dumps(meta)), **blocks)
 
         _atomic_write_bytes(path, write)
         self._index['sessions'][session_id] = {
-            'file': file_name, 'speaker': str(speaker), 'frames': int(frames),
+            'file': file_name, 'speaker': str(speaker), 'frames': int(timestamps.shape[0]),
             'labelled_frames': int(np.sum(np.all(np.isfinite(labels), axis=1))),
         }
         self._write_index()
@@ -251,3 +267,46 @@ def _spec_core(spec) -> list:
 
 def _describe_spec(spec) -> str:
     return ', '.join(f"{entry['modality']}={entry['encoder']}({entry['dim']})" for entry in spec)
+
+
+class InMemoryStore(_SpecView):
+    """The reading API of :class:`FeatureStore` over sessions held in memory (no files).
+
+    For generated data that need not outlive the process (the temporal benchmark, tests).
+    """
+
+    def __init__(self, encoder_spec: list, root: str = '<memory>') -> None:
+        self._spec = normalize_encoder_spec(encoder_spec)
+        self._sessions: dict = {}
+        self.root = root
+        self.info: dict = {}
+
+    def write_session(self, session_id: str, *, speaker, timestamps, features: dict, mask, labels,
+                      meta: Optional[dict] = None) -> None:
+        timestamps, arrays, mask, labels = validate_session(session_id, self.dims, timestamps, features,
+                                                            mask, labels)
+        self._sessions[session_id] = Session(session_id, str(speaker), timestamps, arrays, mask, labels,
+                                             dict(meta or {}))
+
+    def session_ids(self) -> list:
+        return sorted(self._sessions)
+
+    def speakers(self) -> dict:
+        return {sid: self._sessions[sid].speaker for sid in self.session_ids()}
+
+    def num_frames(self, session_id: str) -> int:
+        return len(self._sessions[session_id])
+
+    def has(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def load(self, session_id: str) -> Session:
+        if session_id not in self._sessions:
+            raise KeyError(f"session '{session_id}' is not in this in-memory store")
+        return self._sessions[session_id]
+
+    def update_info(self, **info) -> None:
+        self.info.update(info)
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -98,7 +98,8 @@ class DashengEncoder(Encoder):
 
     def __init__(self, device: str = 'auto', weights: Optional[str] = None, allow_untrained: bool = False,
                  silence_threshold: float = DEFAULT_SILENCE_THRESHOLD) -> None:
-        super().__init__(device=device, weights=weights, allow_untrained=allow_untrained)
+        super().__init__(device=device, weights=weights, allow_untrained=allow_untrained,
+                         silence_threshold=silence_threshold)
         if silence_threshold < 0:
             raise ValueError(f'silence_threshold must be >= 0, got {silence_threshold}')
         self.silence_threshold = float(silence_threshold)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -89,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append({'row': name, 'encoder': identity, 'per': item, 'median_ms': round(ms, 2)})
         print(f'{name:<34} {ms:9.2f} ms per {item:<16} [{identity}]', flush=True)
 
-    print(f'device {device}, torch threads {args.threads}, median of {args.repeats} (after {args.warmup} '
-          f'warm-up calls)')
+    # Other processes competing for the CPU inflate every row; the load average makes that visible.
+    load_before = os.getloadavg()[0]
+    print(f'device {device}, torch threads {args.threads}, {os.cpu_count()} CPUs, load average '
+          f'{load_before:.2f}; median of {args.repeats} (after {args.warmup} warm-up calls)')
     if 'video' in groups:
         frame = test_frame()
         for detector in ('mtcnn', 'haar'):
@@ -110,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         for plugin_id in plugins:
             encoder = _load(plugin_id, device)
             add(plugin_id, encoder.identity, 'sentence', lambda e=encoder: e.encode(SENTENCE))
+    load_after = os.getloadavg()[0]
+    print(f'load average at the end: {load_after:.2f}')
     if args.json:
-        args.json.write_text(json.dumps({'device': device, 'threads': args.threads, 'rows': rows}, indent=2))
+        args.json.write_text(json.dumps({'device': device, 'threads': args.threads, 'cpus': os.cpu_count(),
+                                         'load_average': [load_before, load_after], 'rows': rows}, indent=2))
     return 0

@@ -132,7 +132,7 @@ class EmbeddingGemmaEncoder(_SentenceTransformerEncoder):
 
     def __init__(self, device: str = 'auto', weights: Optional[str] = None, allow_untrained: bool = False,
                  prompt: str = GEMMA_PROMPT) -> None:
-        super().__init__(device=device, weights=weights, allow_untrained=allow_untrained)
+        super().__init__(device=device, weights=weights, allow_untrained=allow_untrained, prompt=prompt)
         self.prompt = prompt
         try:
             path = weight_registry.resolve(self.weights_name, weights)

@@ -177,7 +177,9 @@ class HSEmotionEncoder(Encoder):
                  detector: str = 'mtcnn', face_margin: float = 0.0,
                  min_face_size: int = DEFAULT_MIN_FACE_SIZE,
                  min_face_confidence: float = DEFAULT_MIN_CONFIDENCE) -> None:
-        super().__init__(device=device, weights=weights, allow_untrained=allow_untrained)
+        super().__init__(device=device, weights=weights, allow_untrained=allow_untrained, detector=detector,
+                         face_margin=face_margin, min_face_size=min_face_size,
+                         min_face_confidence=min_face_confidence)
         if detector not in DETECTORS:
             raise ValueError(f"unknown face detector '{detector}'; expected one of {DETECTORS}")
         if face_margin < 0:

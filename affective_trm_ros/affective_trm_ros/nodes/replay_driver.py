@@ -1,0 +1,337 @@
+"""Replay driver node: plays a rosbag into the real nodes on simulated time and records what they say.
+
+The driver publishes the bag's raw sensor messages (their recorded CDR bytes, unchanged) in
+log-time order, each preceded by ``/clock`` = its log time, so nodes running with
+``use_sim_time`` see the recording's clock. Two modes:
+
+* **as fast as possible** (default), with back-pressure so that no frame is dropped and the run is
+  deterministic: after a video frame the driver waits for that frame's video embedding; after an
+  audio message for the audio embeddings its windows produce (counted with the same
+  ``core.audio`` windowing the audio node runs); after a speech message for its text embedding.
+  Before each message it waits until every frame older than ``clock - max_wait`` has its
+  ``ValenceArousal`` — due by the fusion policy — which bounds the frames in flight. At the end
+  the clock is advanced past the last frame + ``max_wait`` so the last frames are released.
+* **real time** (``rate`` x wall clock): messages leave on schedule and nothing is waited for;
+  nodes that cannot keep up drop frames as they would live, and the coverage shows it.
+
+Every ``ValenceArousal`` is recorded with the wall time it arrived, so latency is measured from
+publishing a frame to receiving its estimate. Optionally every embedding is recorded too (the
+train/serve parity test compares them with the offline features).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rosgraph_msgs.msg import Clock
+
+from affective_msgs.msg import ModalityEmbedding, ValenceArousal
+
+from ..core import audio as audio_core
+from ..core.modalities import AUDIO, TEXT, VIDEO
+from .common import LATCHED_QOS, RELIABLE_QOS
+
+# Raw inputs the driver publishes (role -> node input topic default).
+ROLE_IMAGE, ROLE_COMPRESSED, ROLE_AUDIO, ROLE_AUDIO_INFO, ROLE_SPEECH = (
+    'image', 'compressed_image', 'audio', 'audio_info', 'speech')
+EMBEDDING_TOPICS = {m: f'affect/embedding/{m}' for m in (VIDEO, AUDIO, TEXT)}
+OUTPUT_TOPIC = 'affect/valence_arousal'
+# Inputs are published reliable (a best-effort subscriber still matches); outputs are read with
+# deep queues so a burst of released frames is never cut.
+INPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.VOLATILE)
+OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                        durability=DurabilityPolicy.VOLATILE)
+# While waiting, /clock is re-sent this often (it is best effort: one lost sample must not stall).
+CLOCK_REPEAT_S = 0.05
+# Extra simulated time past the last frame + max_wait at the end, so every frame is due.
+END_MARGIN_S = 0.2
+# Before a speech message the nodes get this long to take the new /clock: the text node stamps
+# an utterance with its clock at arrival, which must be the message's log time.
+SPEECH_SETTLE_S = 0.02
+# A frame whose embedding has not come back after this many times the median encode time (and
+# at least MIN_RETRY_S) is published again: best-effort camera QoS may lose a large image. The
+# aligner drops a duplicate stamp, so a frame that was only slow is not fused twice.
+RETRY_FACTOR = 20.0
+MIN_RETRY_S = 2.0
+
+
+class ReplayError(RuntimeError):
+    """The nodes did not answer within the timeout; the message says what was awaited."""
+
+
+@dataclass(frozen=True)
+class ReplayInput:
+    """One raw message to publish: role, log time (ns) and serialized bytes."""
+
+    role: str
+    log_time_ns: int
+    data: bytes
+
+
+@dataclass
+class ReplayRecord:
+    """What came back from one replay."""
+
+    mode: str
+    outputs: list = field(default_factory=list)       # (stamp_ns, stream, v, a, conf, bits, wall_s)
+    frame_publish_wall: dict = field(default_factory=dict)   # frame stamp ns -> wall time published
+    embedding_wall: dict = field(default_factory=dict)       # frame stamp ns -> video embedding arrival
+    embeddings: list = field(default_factory=list)    # (modality, stamp_ns, valid, data, encoder)
+    encoders: dict = field(default_factory=dict)      # modality -> identity seen on the topic
+    frames_published: int = 0
+    republished_frames: int = 0
+    messages_published: int = 0
+    wall_s: float = 0.0
+    memory_mb: list = field(default_factory=list)     # (frames published, RSS MB)
+
+
+def header_stamp_ns(data: bytes) -> int:
+    """Stamp of a serialized message that starts with std_msgs/Header (CDR: 4-byte encapsulation,
+    then int32 sec and uint32 nanosec)."""
+    if len(data) < 12:
+        raise ValueError('serialized message too short to hold a header')
+    order = '<' if data[1] & 1 else '>'
+    sec, nanosec = struct.unpack_from(f'{order}iI', data, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
+def _message_class(type_name: str):
+    package, _, name = type_name.split('/')
+    return getattr(importlib.import_module(f'{package}.msg'), name)
+
+
+class ReplayDriver(Node):
+    """Publishes replay inputs and records embeddings and estimates (see the module docstring).
+
+    ``inputs``: role -> (topic, message type name) for the roles present in the bag.
+    ``audio_params``: the audio node's window_s, hop_s, stamp_tolerance_s, max_lag_s and the
+    stream format parameters (to count the windows each audio message completes).
+    """
+
+    def __init__(self, inputs: dict, *, max_wait_s: float, audio_params: Optional[dict] = None,
+                 expect: Iterable[str] = (VIDEO, AUDIO, TEXT), record_embeddings: bool = False,
+                 timeout_s: float = 120.0, memory_probe: Optional[Callable[[], float]] = None,
+                 **node_kwargs) -> None:
+        super().__init__('replay_driver', **node_kwargs)
+        self._expect = set(expect)
+        self._max_wait_ns = int(round(max_wait_s * 1e9))
+        self._timeout_s = float(timeout_s)
+        self._record_embeddings = record_embeddings
+        self._memory_probe = memory_probe
+        self._clock_pub = self.create_publisher(Clock, '/clock', 10)
+        self._input_pubs = {}
+        for role, (topic, type_name) in inputs.items():
+            qos = LATCHED_QOS if role == ROLE_AUDIO_INFO else INPUT_QOS
+            self._input_pubs[role] = self.create_publisher(_message_class(type_name), topic, qos)
+        self._input_types = {role: type_name for role, (_, type_name) in inputs.items()}
+        audio_params = dict(audio_params or {})
+        self._audio_format = audio_core.AudioFormat(int(audio_params.get('sample_rate', 16000)),
+                                                    int(audio_params.get('channels', 1)),
+                                                    str(audio_params.get('sample_format', 'S16LE')).upper())
+        self._windows = audio_core.AudioStreamProcessor(
+            int(audio_params.get('sample_rate_out', audio_core.DEFAULT_SAMPLE_RATE_OUT)),
+            float(audio_params.get('window_s', audio_core.DEFAULT_WINDOW_S)),
+            float(audio_params.get('hop_s', audio_core.DEFAULT_HOP_S)),
+            float(audio_params.get('stamp_tolerance_s', audio_core.DEFAULT_STAMP_TOLERANCE_S)),
+            float(audio_params.get('max_lag_s', audio_core.DEFAULT_MAX_LAG_S)))
+        self._cond = threading.Condition()
+        self._video_seen: set = set()
+        self._counts = {AUDIO: 0, TEXT: 0}
+        self._output_stamps: set = set()
+        self._expected_audio = 0
+        self._expected_text = 0
+        self.record = ReplayRecord(mode='')
+        for modality, topic in EMBEDDING_TOPICS.items():
+            if modality in self._expect:
+                self.create_subscription(ModalityEmbedding, topic,
+                                         lambda msg, m=modality: self._on_embedding(msg, m), OUTPUT_QOS)
+        self.create_subscription(ValenceArousal, OUTPUT_TOPIC, self._on_output, OUTPUT_QOS)
+
+    # ------------------------------------------------------------ callbacks
+
+    def _on_embedding(self, msg: ModalityEmbedding, modality: str) -> None:
+        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        now = time.perf_counter()
+        with self._cond:
+            self.record.encoders.setdefault(modality, msg.encoder)
+            if modality == VIDEO:
+                if stamp_ns in self._video_seen:
+                    return  # the answer to a republished frame
+                self._video_seen.add(stamp_ns)
+                self.record.embedding_wall[stamp_ns] = now
+            else:
+                self._counts[modality] += 1
+            if self._record_embeddings:
+                data = np.array(msg.data, dtype=np.float32) if msg.valid else None
+                self.record.embeddings.append((modality, stamp_ns, bool(msg.valid), data, msg.encoder))
+            self._cond.notify_all()
+
+    def _on_output(self, msg: ValenceArousal) -> None:
+        stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        now = time.perf_counter()
+        with self._cond:
+            self.record.outputs.append((stamp_ns, msg.stream_id, float(msg.valence), float(msg.arousal),
+                                        float(msg.confidence), int(msg.modalities), now))
+            self._output_stamps.add(stamp_ns)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------ graph
+
+    def wait_for_nodes(self, timeout_s: float = 30.0) -> None:
+        """Block until every input has a subscriber, every expected output a publisher and the
+        nodes listen to /clock."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            missing = [f'a subscriber of {self._input_pubs[role].topic_name}'
+                       for role in self._input_pubs if self._input_pubs[role].get_subscription_count() < 1]
+            missing += [f'a publisher of {EMBEDDING_TOPICS[m]}' for m in sorted(self._expect)
+                        if self.count_publishers(EMBEDDING_TOPICS[m]) < 1]
+            if self.count_publishers(OUTPUT_TOPIC) < 1:
+                missing.append(f'a publisher of {OUTPUT_TOPIC}')
+            if self._clock_pub.get_subscription_count() < 1:
+                missing.append('a subscriber of /clock (use_sim_time)')
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise ReplayError(f"the nodes did not come up within {timeout_s:.0f} s: no {', '.join(missing)}")
+            time.sleep(0.05)
+
+    # ------------------------------------------------------------ publishing
+
+    def _publish_clock(self, stamp_ns: int) -> None:
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = divmod(int(stamp_ns), 1_000_000_000)
+        self._clock_pub.publish(msg)
+
+    def _wait(self, done: Callable[[], bool], what: str, clock_ns: int,
+              retry: Optional[Callable[[], None]] = None, retry_after_s: float = math.inf) -> None:
+        """Wait (re-sending /clock) until ``done()``; ``retry()`` once per ``retry_after_s``."""
+        started = time.monotonic()
+        last_retry = started
+        with self._cond:
+            while not done():
+                now = time.monotonic()
+                if now - started > self._timeout_s:
+                    raise ReplayError(f'no {what} within {self._timeout_s:.0f} s')
+                if retry is not None and now - last_retry > retry_after_s:
+                    retry()
+                    last_retry = now
+                self._cond.wait(CLOCK_REPEAT_S)
+                if not done():
+                    self._publish_clock(clock_ns)
+
+    def play(self, inputs: Iterable[ReplayInput], *, realtime: bool = False, rate: float = 1.0,
+             total: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> ReplayRecord:
+        """Publish ``inputs`` (log-time order) and return what came back."""
+        record = self.record
+        record.mode = f'realtime x{rate:g}' if realtime else 'as fast as possible'
+        started = time.perf_counter()
+        clock_ns = None
+        first_log = None
+        frames: list = []
+        encode_times: list = []
+        if self._memory_probe:
+            record.memory_mb.append((0, self._memory_probe()))
+        for item in inputs:
+            clock_ns = item.log_time_ns if clock_ns is None else max(clock_ns, item.log_time_ns)
+            if realtime:
+                first_log = item.log_time_ns if first_log is None else first_log
+                delay = started + (item.log_time_ns - first_log) / 1e9 / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            self._publish_clock(clock_ns)
+            if not realtime:
+                due_ns = clock_ns - self._max_wait_ns
+                self._wait(lambda: all(f in self._output_stamps for f in frames if f <= due_ns),
+                           'ValenceArousal for the frames due by the fusion policy (is the fusion node '
+                           'running?)', clock_ns)
+                frames = [f for f in frames if f not in self._output_stamps]
+                if item.role == ROLE_SPEECH:
+                    time.sleep(SPEECH_SETTLE_S)
+            publisher = self._input_pubs[item.role]
+            publisher.publish(item.data)
+            record.messages_published += 1
+            if item.role in (ROLE_IMAGE, ROLE_COMPRESSED):
+                stamp_ns = header_stamp_ns(item.data)
+                record.frame_publish_wall[stamp_ns] = time.perf_counter()
+                record.frames_published += 1
+                frames.append(stamp_ns)
+                if progress:
+                    progress(1)
+                if self._memory_probe and record.frames_published % 300 == 0:
+                    record.memory_mb.append((record.frames_published, self._memory_probe()))
+                if not realtime and VIDEO in self._expect:
+                    retry_after = max(MIN_RETRY_S, RETRY_FACTOR * float(np.median(encode_times[-50:]))
+                                      if encode_times else self._timeout_s / 4)
+
+                    def republish(data=item.data, pub=publisher):
+                        record.republished_frames += 1
+                        pub.publish(data)
+
+                    self._wait(lambda s=stamp_ns: s in self._video_seen,
+                               f'video embedding for the frame stamped {stamp_ns / 1e9:.3f} s (is the '
+                               f'video encoder running?)', clock_ns, republish, retry_after)
+                    encode_times.append(record.embedding_wall[stamp_ns] - record.frame_publish_wall[stamp_ns])
+            elif item.role == ROLE_AUDIO and not realtime and AUDIO in self._expect:
+                expected = self._counts_after_audio(item, clock_ns)
+                self._wait(lambda n=expected: self._counts[AUDIO] >= n,
+                           f'audio embedding #{expected} (is the audio encoder running?)', clock_ns)
+            elif item.role == ROLE_SPEECH and not realtime and TEXT in self._expect:
+                self._expected_text += 1
+                self._wait(lambda n=self._expected_text: self._counts[TEXT] >= n,
+                           f'text embedding #{self._expected_text} (is the text encoder running?)', clock_ns)
+            elif item.role == ROLE_AUDIO_INFO:
+                self._take_audio_info(item)
+        if clock_ns is not None:
+            self._finish(clock_ns, realtime)
+        record.wall_s = time.perf_counter() - started
+        if self._memory_probe:
+            record.memory_mb.append((record.frames_published, self._memory_probe()))
+        return record
+
+    def _finish(self, clock_ns: int, realtime: bool) -> None:
+        """Advance the clock so every frame is due, then wait for the estimates."""
+        end_ns = clock_ns + self._max_wait_ns + int(END_MARGIN_S * 1e9)
+        self._publish_clock(end_ns)
+        if realtime:
+            # Frames the video node dropped never get an estimate: wait for the ones it encoded,
+            # then give the fusion a moment for anything still in flight.
+            self._wait(lambda: self._video_seen <= self._output_stamps,
+                       'ValenceArousal for every encoded frame', end_ns)
+            return
+        frames = set(self.record.frame_publish_wall)
+        self._wait(lambda: frames <= self._output_stamps,
+                   f'ValenceArousal for the last frames ({len(frames - self._output_stamps)} missing)', end_ns)
+
+    def _counts_after_audio(self, item: ReplayInput, clock_ns: int) -> int:
+        """Audio embeddings the audio node will have published once it has this message."""
+        from rclpy.serialization import deserialize_message
+
+        msg = deserialize_message(item.data, _message_class(self._input_types[ROLE_AUDIO]))
+        try:
+            if hasattr(msg, 'header'):
+                windows = self._windows.process(msg.audio.data, self._audio_format,
+                                                msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+            else:
+                windows = self._windows.process_headerless(msg.data, self._audio_format, clock_ns * 1e-9)
+        except audio_core.AudioDecodeError:
+            windows = []  # the node refuses it too
+        self._expected_audio += len(windows)
+        return self._expected_audio
+
+    def _take_audio_info(self, item: ReplayInput) -> None:
+        from rclpy.serialization import deserialize_message
+
+        info = deserialize_message(item.data, _message_class(self._input_types[ROLE_AUDIO_INFO]))
+        self._audio_format = audio_core.AudioFormat.from_info(info)
+        time.sleep(SPEECH_SETTLE_S)  # latched: let the audio node take it before the first audio
