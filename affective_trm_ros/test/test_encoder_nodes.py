@@ -7,6 +7,7 @@ handed them; the text node uses the real MiniLM encoder; one test each runs the 
 and Dasheng encoders with untrained weights.
 """
 
+import json
 import math
 import os
 import re
@@ -583,3 +584,18 @@ def test_console_script_runs_the_video_node_as_its_own_process(rclpy_context, ro
             process.kill()
             output, _ = process.communicate()
     assert process.returncode in (0, -15), output
+
+
+def test_video_node_benchmark_reports_the_achieved_rate(tmp_path, capsys):
+    pytest.importorskip('skimage')
+    from affective_trm_ros.nodes import video_node_bench
+
+    out = tmp_path / 'bench.json'
+    assert video_node_bench.main(['--plugin', 'tiny_video', '--fps', '20', '--seconds', '1.0',
+                                  '--warmup', '0.5', '--width', '160', '--height', '120',
+                                  '--json', str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results['plugin'] == 'tiny_video@none' and results['frames_published'] >= 15
+    assert 0 < results['embeddings'] <= results['frames_published']
+    assert results['achieved_rate_hz'] == pytest.approx(results['embeddings'] / 1.0)
+    assert results['processing_p50_ms'] > 0

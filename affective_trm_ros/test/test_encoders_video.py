@@ -181,6 +181,14 @@ def test_mismatching_files_are_refused_with_the_differences(tmp_path, make):
         load_encoder('hsemotion_enet_b0', device='cpu', weights=str(path), detector='haar')
 
 
+@pytest.mark.parametrize('content', [b'', b'not a pickle at all', b'\x80\x04garbage'])
+def test_unreadable_files_raise_weights_format_error(tmp_path, content):
+    path = tmp_path / 'junk.pt'
+    path.write_bytes(content)
+    with pytest.raises(WeightsFormatError, match='junk.pt'):
+        load_encoder('hsemotion_enet_b0', device='cpu', weights=str(path), detector='haar')
+
+
 def test_mismatch_message_lists_what_differs(tmp_path):
     path = tmp_path / 'seven.pt'
     torch.save(timm.create_model('efficientnet_b0', num_classes=7), path)

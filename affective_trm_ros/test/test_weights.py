@@ -153,3 +153,66 @@ def test_cli_fetch_failure_returns_nonzero(cache, tmp_path, monkeypatch, capsys)
     monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'gone', entry)
     assert cli_main(['weights', 'fetch', 'gone', '--no-progress']) == 1
     assert 'gone: FAILED' in capsys.readouterr().err
+
+
+class FakeHub:
+    """Serves a Hugging Face model repository (API listing + files) from memory instead of the network."""
+
+    def __init__(self, files: dict, gated: bool = False):
+        self.files, self.gated, self.requests = files, gated, []
+
+    def __call__(self, url, headers=None):
+        import io
+        import json
+        import urllib.error
+        self.requests.append(url)
+        if '/api/models/' in url:
+            siblings = [{'rfilename': name, **({'lfs': {'sha256': hashlib.sha256(data).hexdigest()}}
+                                               if name.endswith('.safetensors') else {})}
+                        for name, data in self.files.items()]
+            body = json.dumps({'siblings': siblings}).encode()
+        else:
+            if self.gated and not (headers or {}).get('Authorization'):
+                raise urllib.error.HTTPError(url, 401, 'Unauthorized', {}, None)
+            body = self.files[url.split('/resolve/main/', 1)[1]]
+        response = io.BytesIO(body)
+        response.headers = {'Content-Length': str(len(body))}
+        return response
+
+
+def test_hf_snapshot_fetch_is_atomic_and_checks_lfs_files(cache, monkeypatch):
+    hub = FakeHub({'modules.json': b'[]', 'model.safetensors': b'w' * 4096, '1_Pooling/config.json': b'{}'})
+    monkeypatch.setattr(registry, '_open', hub)
+    path = registry.fetch('embeddinggemma-300m', progress=False)
+    assert path == cache / 'embeddinggemma-300m' and registry.is_present('embeddinggemma-300m')
+    assert (path / '1_Pooling' / 'config.json').read_bytes() == b'{}'
+    assert not (cache / 'embeddinggemma-300m.part').exists()
+    assert registry.verify('embeddinggemma-300m').status == 'ok'
+    assert any('api/models/google/embeddinggemma-300m' in url for url in hub.requests)
+
+
+def test_hf_snapshot_with_corrupt_lfs_file_never_appears(cache, monkeypatch):
+    hub = FakeHub({'modules.json': b'[]', 'model.safetensors': b'w' * 4096})
+    real_call = hub.__call__
+
+    def corrupt(url, headers=None):
+        response = real_call(url, headers)
+        if url.endswith('model.safetensors'):
+            response.seek(0)
+            response.write(b'X')
+            response.seek(0)
+        return response
+
+    monkeypatch.setattr(registry, '_open', corrupt)
+    with pytest.raises(ValueError, match='SHA-256'):
+        registry.fetch('embeddinggemma-300m', progress=False)
+    assert not registry.is_present('embeddinggemma-300m')
+
+
+def test_gated_repository_without_token_explains_what_to_do(cache, monkeypatch):
+    monkeypatch.delenv(registry.HF_TOKEN_ENV, raising=False)
+    monkeypatch.setattr(registry, '_open', FakeHub({'modules.json': b'[]'}, gated=True))
+    with pytest.raises(PermissionError, match='gated.*HF_TOKEN'):
+        registry.fetch('embeddinggemma-300m', progress=False)
+    monkeypatch.setenv(registry.HF_TOKEN_ENV, 'hf_test')
+    assert registry.fetch('embeddinggemma-300m', progress=False).is_dir()

@@ -32,8 +32,10 @@ GEMMA_PROMPT = 'task: classification | query: '  # EmbeddingGemma model card, "C
 GEMMA_MAX_TOKENS = 2048                          # EmbeddingGemma's context length
 UNTRAINED_SEED = 0                               # seeded random init: untrained features are reproducible
 
-# EmbeddingGemma-300M architecture (its published config.json); the untrained stand-in uses it with a
-# byte-level vocabulary, because the Gemma tokenizer ships only with the gated weights.
+# EmbeddingGemma-300M's architecture (24 bidirectional Gemma 3 layers, width 768, 3 query heads and 1
+# key/value head of 256, MLP 1152, 2048-token context). The untrained stand-in uses it with a byte-level
+# vocabulary, because the Gemma tokenizer ships only with the gated weights; byte sequences are a few
+# times longer than Gemma-token sequences, so its speed is a pessimistic estimate of the real model's.
 GEMMA_ARCHITECTURE = dict(
     hidden_size=GEMMA_DIM, intermediate_size=1152, num_hidden_layers=24, num_attention_heads=3,
     num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=GEMMA_MAX_TOKENS,
@@ -80,7 +82,7 @@ class _SentenceTransformerEncoder(Encoder):
     def token_counts(self, texts: list) -> np.ndarray:
         """Tokens per text (prompt included, before truncation)."""
         ids = self.model.tokenizer([self.prompt + t for t in texts], add_special_tokens=True,
-                                   truncation=False)['input_ids']
+                                   truncation=False, verbose=False)['input_ids']
         return np.array([len(x) for x in ids], dtype=np.int64)
 
     def _embed(self, texts: list) -> np.ndarray:

@@ -105,7 +105,10 @@ def load_hsemotion_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
-        obj = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_LENIENT_PICKLE)
+        try:
+            obj = torch.load(path, map_location='cpu', weights_only=False, pickle_module=_LENIENT_PICKLE)
+        except Exception as err:  # noqa: BLE001 - whatever unpickling raises, the file is unusable
+            raise WeightsFormatError(f'cannot unpickle {path}: {err}') from err
     except (OSError, RuntimeError, EOFError) as err:
         raise WeightsFormatError(f'cannot read {path} as a PyTorch file: {err}') from err
     return _tensors_of(obj, path)

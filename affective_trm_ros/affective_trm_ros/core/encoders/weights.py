@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -290,25 +291,34 @@ def download(url: str, dest: Path, expected_sha: Optional[str] = None, headers: 
 
 
 def _fetch_hf_snapshot(entry: WeightFile, dest: Path, progress: bool) -> None:
-    """Download every file of a Hugging Face model repository into ``dest`` (LFS files hash-checked)."""
+    """Download every file of a Hugging Face model repository into ``dest``, atomically.
+
+    Files go to ``<dest>.part/`` first (files already there and intact are kept, so an interrupted
+    fetch resumes); each large (LFS) file is checked against the SHA-256 the Hub lists for it; the
+    directory takes its final name only when complete.
+    """
     repo = entry.url[len('hf://'):]
     token = os.environ.get(HF_TOKEN_ENV)
     headers = {'Authorization': f'Bearer {token}'} if token else {}
+    staging = dest.with_name(dest.name + '.part')
     try:
         with _open(f'https://huggingface.co/api/models/{repo}?blobs=true', headers) as response:
             info = json.load(response)
+        for sibling in info.get('siblings', []):
+            rel = sibling['rfilename']
+            target = staging / rel
+            lfs_sha = (sibling.get('lfs') or {}).get('sha256')
+            if target.is_file() and (lfs_sha is None or sha256_file(target) == lfs_sha):
+                continue
+            download(f'https://huggingface.co/{repo}/resolve/main/{rel}', target, lfs_sha, headers, progress)
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
-            raise PermissionError(f'{repo} is gated: accept its licence on https://huggingface.co/{repo} and '
+            raise PermissionError(f'{repo} is gated: accept its licence on https://huggingface.co/{repo}, '
                                   f'export {HF_TOKEN_ENV}=<your access token>, then fetch again') from err
         raise
-    for sibling in info.get('siblings', []):
-        rel = sibling['rfilename']
-        target = dest / rel
-        lfs_sha = (sibling.get('lfs') or {}).get('sha256')
-        if target.is_file() and (lfs_sha is None or sha256_file(target) == lfs_sha):
-            continue
-        download(f'https://huggingface.co/{repo}/resolve/main/{rel}', target, lfs_sha, headers, progress)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(staging, dest)
 
 
 def fetch(name: str, force: bool = False, progress: bool = True) -> Path:
