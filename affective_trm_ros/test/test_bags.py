@@ -7,9 +7,21 @@ import pytest
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
-from affective_trm_ros.training.bags import (AUDIO_DATA_STAMPED, AUDIO_INFO, EXTRA_MSG_DEFINITIONS, IMAGE,
-                                             STRING, VALENCE_AROUSAL, BagError, BagReader, BagWriter,
-                                             affective_typestore, make_header, ns_to_time, time_to_ns)
+from affective_trm_ros.training.bags import (
+    AUDIO_DATA_STAMPED,
+    AUDIO_INFO,
+    EXTRA_MSG_DEFINITIONS,
+    IMAGE,
+    STRING,
+    VALENCE_AROUSAL,
+    BagError,
+    BagReader,
+    BagWriter,
+    affective_typestore,
+    make_header,
+    ns_to_time,
+    time_to_ns,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MSG_FILES = {
@@ -31,18 +43,21 @@ def _write_sample(path, storage='mcap', compress=True):
         bag.add_topic('/audio', AUDIO_DATA_STAMPED)
         bag.add_topic('/affect/ground_truth', VALENCE_AROUSAL)
         bag.add_topic('/speech', STRING)
-        bag.write('/audio_info', 1_000, types[AUDIO_INFO](channels=1, sample_rate=16000, sample_format='S16LE',
-                                                          bitrate=256000, coding_format='WAVE'))
+        info = types[AUDIO_INFO](channels=1, sample_rate=16000, sample_format='S16LE', bitrate=256000,
+                                 coding_format='WAVE')
+        bag.write('/audio_info', 1_000, info)
         for k in range(3):
             stamp = 2_000_000_000 + k * 33_333_333
             pixels = np.full(4 * 6 * 3, k, np.uint8)
-            bag.write('/image_raw', stamp, types[IMAGE](header=make_header(stamp, 'cam'), height=4, width=6,
-                                                        encoding='rgb8', is_bigendian=0, step=18, data=pixels))
+            image = types[IMAGE](header=make_header(stamp, 'cam'), height=4, width=6, encoding='rgb8',
+                                 is_bigendian=0, step=18, data=pixels)
+            bag.write('/image_raw', stamp, image)
             bag.write('/affect/ground_truth', stamp, types[VALENCE_AROUSAL](
                 header=make_header(stamp, 'cam'), stream_id='default', valence=0.1 * k, arousal=-0.1 * k,
                 confidence=1.0, modalities=0))
         audio = types['audio_common_msgs/msg/AudioData'](data=np.arange(8, dtype=np.uint8))
-        bag.write('/audio', 2_010_000_000, types[AUDIO_DATA_STAMPED](header=make_header(2_000_000_000), audio=audio))
+        chunk = types[AUDIO_DATA_STAMPED](header=make_header(2_000_000_000), audio=audio)
+        bag.write('/audio', 2_010_000_000, chunk)
         # written out of order on purpose: reading must come back in log-time order
         bag.write('/speech', 1_500_000_000, types[STRING](data='hello'))
 
@@ -70,10 +85,11 @@ def test_round_trip_in_log_time_order(tmp_path, storage):
 def test_raw_bytes_are_what_rclpy_publishes(tmp_path):
     """Replay publishes the recorded CDR bytes unchanged: rclpy must decode them to the same values."""
     serialization = pytest.importorskip('rclpy.serialization')
-    from affective_msgs.msg import ValenceArousal
     from audio_common_msgs.msg import AudioDataStamped, AudioInfo
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
+
+    from affective_msgs.msg import ValenceArousal
 
     _write_sample(tmp_path / 'bag')
     rclpy_types = {IMAGE: Image, AUDIO_INFO: AudioInfo, AUDIO_DATA_STAMPED: AudioDataStamped,
@@ -133,7 +149,8 @@ def test_topic_lookup_and_errors(tmp_path):
         assert bag.find_topic('/speech') == '/speech'
         assert bag.find_topic('camera/image_raw') is None
         assert bag.require(['image_raw', 'audio']) == ['/image_raw', '/audio']
-        with pytest.raises(BagError, match=r"no topic 'camera/image_raw'.*/image_raw \(sensor_msgs/msg/Image\)"):
+        expected = r"no topic 'camera/image_raw'.*/image_raw \(sensor_msgs/msg/Image\)"
+        with pytest.raises(BagError, match=expected):
             bag.require(['camera/image_raw'])
     with pytest.raises(BagError, match='not a rosbag2 directory'):
         BagReader(tmp_path / 'nothing')

@@ -39,10 +39,10 @@ def bag(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def checkpoint(tmp_path_factory):
+    import torch
+
     from affective_trm_ros.core.checkpoint import save_checkpoint
     from affective_trm_ros.training.train import build_model
-
-    import torch
     torch.manual_seed(3)
     model = build_model('trm', {e['modality']: e['dim'] for e in SPEC})
     # non-trivial normalisation, so serving must apply the stored statistics
@@ -53,7 +53,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def offline(bag, tmp_path_factory):
-    from affective_trm_ros.training.bag_features import NodeSettings, extract_embeddings, node_parameters, prepare_bag
+    from affective_trm_ros.training.bag_features import (
+        NodeSettings,
+        extract_embeddings,
+        node_parameters,
+        prepare_bag,
+    )
     from affective_trm_ros.training.features import FeatureStore
 
     parameters = {node: node_parameters(node, overrides=values) for node, values in OVERRIDES.items()}
@@ -93,7 +98,8 @@ def test_node_embeddings_equal_offline_features(offline, replays):
     embeddings, *_ = offline
     record = replays[0].record
     for modality in FEATURE_ORDER:
-        published = sorted((stamp, valid, data) for m, stamp, valid, data, _ in record.embeddings if m == modality)
+        published = sorted(((stamp, valid, data) for m, stamp, valid, data, _ in record.embeddings
+                            if m == modality), key=lambda item: item[0])
         expected = embeddings.embeddings[modality]
         assert len(published) == len(expected) > 0, modality
         for (stamp_ns, valid, data), (stamp_s, vector) in zip(published, expected):

@@ -48,7 +48,8 @@ def test_topics_rates_and_stamps(session):
         image_stamps, truth_stamps, audio_stamps = [], [], []
         for message, decoded in bag.messages():
             if message.topic == '/image_raw':
-                assert (decoded.width, decoded.height, decoded.encoding, decoded.step) == (640, 480, 'rgb8', 1920)
+                layout = (decoded.width, decoded.height, decoded.encoding, decoded.step)
+                assert layout == (640, 480, 'rgb8', 1920)
                 assert len(decoded.data) == 640 * 480 * 3
                 image_stamps.append(time_to_ns(decoded.header.stamp))
                 assert message.log_time_ns == image_stamps[-1]
@@ -82,7 +83,8 @@ def test_speech_follows_valence_and_audio_has_silences(session):
     with BagReader(path) as bag:
         truth = [(m.log_time_ns, d.valence, d.arousal) for m, d in bag.messages(['/affect/ground_truth'])]
         speech = [(m.log_time_ns, d.data) for m, d in bag.messages(['/speech'])]
-        audio = np.concatenate([np.frombuffer(bytes(d.audio.data), '<i2') for _, d in bag.messages(['/audio'])])
+        chunks = [np.frombuffer(bytes(d.audio.data), '<i2') for _, d in bag.messages(['/audio'])]
+    audio = np.concatenate(chunks)
     assert len(speech) == summary.utterances >= 2
     positive = {s for (v, _), bank in ss.SENTENCES.items() if v > 0 for s in bank}
     negative = {s for (v, _), bank in ss.SENTENCES.items() if v < 0 for s in bank}
@@ -146,7 +148,7 @@ def test_prosody_follows_arousal():
     low, mid, high = ss.prosody(-1.0), ss.prosody(0.0), ss.prosody(1.0)
     for k in range(3):
         assert low[k] < mid[k] < high[k]
-    assert 80 <= low[0] and high[0] <= 450 and 0 <= low[1] and high[1] <= 99 and high[2] <= 200
+    assert low[0] >= 80 and high[0] <= 450 and low[1] >= 0 and high[1] <= 99 and high[2] <= 200
 
 
 @needs_espeak

@@ -51,7 +51,8 @@ def test_swiglu_width_rounds_like_the_reference():
 
 
 @pytest.mark.parametrize('bad', [dict(hidden_size=30, num_heads=4), dict(mixer='conv'),
-                                 dict(grad_cycles=3, h_cycles=2), dict(modality_dims={'video': 4, 'audio': 3}),
+                                 dict(grad_cycles=3, h_cycles=2), dict(state_gradient='full'),
+                                 dict(modality_dims={'video': 4, 'audio': 3}),
                                  dict(modality_dims={'smell': 3}), dict(h_cycles=0)])
 def test_config_rejects_invalid_values(bad):
     with pytest.raises(ValueError):
@@ -195,16 +196,21 @@ def test_state_helpers_split_stack_and_detach():
     assert not detach_state(TRMState(state.y.requires_grad_(), state.z)).y.requires_grad
 
 
-def test_only_the_last_deep_recursions_carry_gradients():
+def test_gradients_reach_the_carried_state_only_as_configured():
     x, mask = inputs(batch=1)
-    for grad_cycles, expect_grad in ((1, False), (2, True)):
-        model = small_trm(grad_cycles=grad_cycles).train()
+    outputs = {}
+    for grad_cycles, state_gradient, expect_grad in ((1, 'none', False), (2, 'none', True),
+                                                     (1, 'identity', True)):
+        model = small_trm(grad_cycles=grad_cycles, state_gradient=state_gradient).train()
         state = model.initial_state(1)
         state = TRMState(state.y.detach().requires_grad_(), state.z.detach().requires_grad_())
         va, _, _ = model.step(x, mask, state)
         va.sum().backward()
         has_grad = state.y.grad is not None and state.y.grad.abs().sum() > 0
         assert has_grad == expect_grad
+        outputs[(grad_cycles, state_gradient)] = va.detach()
+    # The Jacobian-free path changes gradients only, never values.
+    torch.testing.assert_close(outputs[(1, 'identity')], outputs[(1, 'none')])
 
 
 def _toy_stream(batch, steps, generator):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..training.sample_sessions import (SessionConfig, SpeechSynthesisError, espeak_available,
-                                        generate_sessions)
+from ..training.sample_sessions import (
+    SessionConfig,
+    SpeechSynthesisError,
+    espeak_available,
+    generate_sessions,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,16 @@ from typing import Optional
 
 from ..core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
 from ..training.bag_features import BagTopics, labels_from_csv, labels_from_topic
-from ..training.bags import (AUDIO_DATA, AUDIO_DATA_STAMPED, AUDIO_INFO, COMPRESSED_IMAGE, IMAGE, STRING,
-                             BagError, BagReader)
+from ..training.bags import (
+    AUDIO_DATA,
+    AUDIO_DATA_STAMPED,
+    AUDIO_INFO,
+    COMPRESSED_IMAGE,
+    IMAGE,
+    STRING,
+    BagError,
+    BagReader,
+)
 
 # Executor threads for the nodes under test: one per node is enough (inference runs in each
 # encoder's own worker thread).
@@ -29,6 +37,7 @@ DEFAULT_EXECUTOR_THREADS = 4
 # Node input topics (relative, as the nodes subscribe by default).
 NODE_TOPICS = {'image': 'image_raw', 'compressed_image': 'image_raw/compressed', 'audio': 'audio',
                'audio_info': 'audio_info', 'speech': 'speech'}
+TOPIC_ROLES = ('image', 'compressed_image', 'audio', 'audio_info', 'speech', 'ground_truth')
 EXPECTED_TYPES = {'image': (IMAGE,), 'compressed_image': (COMPRESSED_IMAGE,),
                   'audio': (AUDIO_DATA_STAMPED, AUDIO_DATA), 'audio_info': (AUDIO_INFO,), 'speech': (STRING,)}
 
@@ -76,9 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--set', dest='assignments', action='append', default=[], metavar='NODE.PARAM=VALUE',
                         help='set one node parameter, e.g. video_encoder.detector=haar (repeatable)')
     defaults = BagTopics()
-    for name in ('image', 'compressed_image', 'audio', 'audio_info', 'speech', 'ground_truth'):
+    for name in TOPIC_ROLES:
         parser.add_argument(f"--{name.replace('_', '-')}-topic", dest=f'topic_{name}',
-                            default=getattr(defaults, name), help=f'bag topic of the {name.replace("_", " ")}')
+                            default=getattr(defaults, name),
+                            help=f"bag topic of the {name.replace('_', ' ')}")
     parser.add_argument('--labels-csv', type=Path, default=None,
                         help='per-frame labels (columns valence, arousal and stamp or frame) instead of '
                              'the ground-truth topic')
@@ -94,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
         options = ReplayOptions(
             realtime=args.realtime, rate=args.rate, device=args.device, allow_untrained=args.allow_untrained,
             config=args.config, parameters=parse_assignments(args.assignments),
-            topics=BagTopics(**{name: getattr(args, f'topic_{name}') for name in
-                                ('image', 'compressed_image', 'audio', 'audio_info', 'speech', 'ground_truth')}),
+            topics=BagTopics(**{name: getattr(args, f'topic_{name}') for name in TOPIC_ROLES}),
             labels_csv=args.labels_csv, timeout_s=args.timeout, progress=not args.quiet)
         if options.rate <= 0:
             raise ValueError('--rate must be > 0')
@@ -119,7 +128,8 @@ def print_summary(outcome: ReplayOutcome) -> None:
           f"p95 {report['latency_ms']['p95']:.0f} ms")
     for name in ('valence', 'arousal'):
         m = metrics[name]
-        print(f"  {name:8s} CCC {m['ccc']:.3f}  RMSE {m['rmse']:.3f}  Pearson {m['pearson']:.3f}  (n={m['n']})")
+        print(f"  {name:8s} CCC {m['ccc']:.3f}  RMSE {m['rmse']:.3f}  Pearson {m['pearson']:.3f}  "
+              f"(n={m['n']})")
     print(f"report: {outcome.files['markdown']}")
 
 
@@ -212,8 +222,9 @@ def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] =
                              'sample_format')}
             audio_params['sample_rate_out'] = int(getattr(audio_node.encoder, 'sample_rate', None) or 16000)
         driver_inputs = {role: (NODE_TOPICS[role], msgtype) for role, (_, msgtype) in inputs.items()}
-        driver = ReplayDriver(driver_inputs, context=context, max_wait_s=fusion.get_parameter('max_wait_s').value,
-                              audio_params=audio_params, expect=modalities,
+        driver = ReplayDriver(driver_inputs, context=context,
+                              max_wait_s=fusion.get_parameter('max_wait_s').value, audio_params=audio_params,
+                              expect=modalities,
                               record_embeddings=options.record_embeddings, timeout_s=options.timeout_s,
                               memory_probe=lambda: process.memory_info().rss / 2 ** 20)
         node_executor = MultiThreadedExecutor(num_threads=options.threads, context=context)
@@ -229,8 +240,8 @@ def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] =
         driver.wait_for_nodes()
         role_of = {topic: role for role, (topic, _) in inputs.items()}
         from tqdm import tqdm
-        bar = tqdm(total=frame_count, desc=f'replay {bag_path.name}', unit='frame', disable=not options.progress,
-                   mininterval=1.0)
+        bar = tqdm(total=frame_count, desc=f'replay {bag_path.name}', unit='frame',
+                   disable=not options.progress, mininterval=1.0)
         with BagReader(bag_path) as bag:
             messages = (ReplayInput(role_of[m.topic], m.log_time_ns, m.data)
                         for m in bag.raw_messages(list(role_of)))
@@ -253,7 +264,8 @@ def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] =
     else:
         truth = labels_from_topic(bag_path, options.topics.ground_truth, frames)
     table = frame_table(frames, record.outputs, record.frame_publish_wall, record.embedding_wall, truth)
-    report = build_replay_report(table, wall_s=record.wall_s, mode=record.mode, encoders=record.encoders, extra={
+    report = build_replay_report(table, wall_s=record.wall_s, mode=record.mode, encoders=record.encoders,
+                                 extra={
         'bag': str(bag_path.resolve()), 'checkpoint': str(checkpoint.resolve()),
         'labels': str(options.labels_csv) if options.labels_csv else options.topics.ground_truth,
         'republished_frames': record.republished_frames, 'memory_mb': record.memory_mb,

@@ -33,14 +33,21 @@ def _valid_pairs(pred, true) -> tuple[np.ndarray, np.ndarray]:
     return pred[keep], true[keep]
 
 
+def _is_constant(values: np.ndarray) -> bool:
+    return bool(values.size) and bool(np.all(values == values[0]))
+
+
 def ccc(pred, true) -> float:
     """Lin's concordance correlation coefficient ``2·cov / (var_p + var_t + (mean_p − mean_t)²)``."""
     p, t = _valid_pairs(pred, true)
     if p.size == 0:
         return math.nan
     mean_p, mean_t = p.mean(), t.mean()
-    var_p, var_t = p.var(), t.var()
-    cov = np.mean((p - mean_p) * (t - mean_t))
+    # A constant side has exactly zero spread (the mean of N equal floats may not be exact).
+    dp = np.zeros_like(p) if _is_constant(p) else p - mean_p
+    dt = np.zeros_like(t) if _is_constant(t) else t - mean_t
+    var_p, var_t = np.mean(dp * dp), np.mean(dt * dt)
+    cov = np.mean(dp * dt)
     denominator = var_p + var_t + (mean_p - mean_t) ** 2
     if denominator == 0.0:
         return math.nan
@@ -59,6 +66,8 @@ def pearson(pred, true) -> float:
     """Pearson correlation coefficient (NaN when either side is constant)."""
     p, t = _valid_pairs(pred, true)
     if p.size == 0:
+        return math.nan
+    if _is_constant(p) or _is_constant(t):
         return math.nan
     dp, dt = p - p.mean(), t - t.mean()
     norm = math.sqrt(float(np.sum(dp * dp)) * float(np.sum(dt * dt)))

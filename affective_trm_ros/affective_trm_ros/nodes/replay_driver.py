@@ -26,8 +26,9 @@ import math
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import numpy as np
 from rclpy.node import Node
@@ -38,7 +39,7 @@ from affective_msgs.msg import ModalityEmbedding, ValenceArousal
 
 from ..core import audio as audio_core
 from ..core.modalities import AUDIO, TEXT, VIDEO
-from .common import LATCHED_QOS, RELIABLE_QOS
+from .common import LATCHED_QOS
 
 # Raw inputs the driver publishes (role -> node input topic default).
 ROLE_IMAGE, ROLE_COMPRESSED, ROLE_AUDIO, ROLE_AUDIO_INFO, ROLE_SPEECH = (
@@ -203,7 +204,8 @@ class ReplayDriver(Node):
             if not missing:
                 return
             if time.monotonic() > deadline:
-                raise ReplayError(f"the nodes did not come up within {timeout_s:.0f} s: no {', '.join(missing)}")
+                raise ReplayError(f'the nodes did not come up within {timeout_s:.0f} s: '
+                                  f"no {', '.join(missing)}")
             time.sleep(0.05)
 
     # ------------------------------------------------------------ publishing
@@ -252,7 +254,8 @@ class ReplayDriver(Node):
             self._publish_clock(clock_ns)
             if not realtime:
                 due_ns = clock_ns - self._max_wait_ns
-                self._wait(lambda: all(f in self._output_stamps for f in frames if f <= due_ns),
+                self._wait(lambda pending=frames, due=due_ns: all(f in self._output_stamps
+                                                                  for f in pending if f <= due),
                            'ValenceArousal for the frames due by the fusion policy (is the fusion node '
                            'running?)', clock_ns)
                 frames = [f for f in frames if f not in self._output_stamps]
@@ -311,7 +314,8 @@ class ReplayDriver(Node):
             return
         frames = set(self.record.frame_publish_wall)
         self._wait(lambda: frames <= self._output_stamps,
-                   f'ValenceArousal for the last frames ({len(frames - self._output_stamps)} missing)', end_ns)
+                   f'ValenceArousal for the last frames ({len(frames - self._output_stamps)} missing)',
+                   end_ns)
 
     def _counts_after_audio(self, item: ReplayInput, clock_ns: int) -> int:
         """Audio embeddings the audio node will have published once it has this message."""

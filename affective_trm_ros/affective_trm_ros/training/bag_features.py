@@ -21,21 +21,38 @@ import hashlib
 import inspect
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from ..core.alignment import AlignmentConfig, align_events, steps_to_arrays
-from ..core.audio import (DEFAULT_HOP_S, DEFAULT_SILENCE_THRESHOLD_DBFS, DEFAULT_WINDOW_S, AudioDecodeError,
-                          AudioFormat, AudioStreamProcessor, embed_windows)
+from ..core.audio import (
+    DEFAULT_HOP_S,
+    DEFAULT_SILENCE_THRESHOLD_DBFS,
+    DEFAULT_WINDOW_S,
+    AudioDecodeError,
+    AudioFormat,
+    AudioStreamProcessor,
+    embed_windows,
+)
 from ..core.encoders.base import Encoder, load_encoder
 from ..core.image import ImageDecodeError, compressed_to_rgb, image_to_rgb
 from ..core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
 from ..core.utterance import prepare_utterance
-from .bags import (AUDIO_DATA, AUDIO_DATA_STAMPED, AUDIO_INFO, COMPRESSED_IMAGE, IMAGE, STRING,
-                   VALENCE_AROUSAL, BagError, BagReader, time_to_ns)
+from .bags import (
+    AUDIO_DATA,
+    AUDIO_DATA_STAMPED,
+    COMPRESSED_IMAGE,
+    IMAGE,
+    STRING,
+    VALENCE_AROUSAL,
+    BagError,
+    BagReader,
+    time_to_ns,
+)
 from .features import FeatureStore
 
 PREPARATION_VERSION = 1  # bump when the same inputs would give different features
@@ -157,8 +174,9 @@ class NodeSettings:
     weights: dict = field(default_factory=dict)  # modality -> explicit weight path (None = the cache)
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any]], modalities=FEATURE_ORDER) -> NodeSettings:
-        """From effective node parameters {'video_encoder': {...}, 'audio_encoder': {...}, 'fusion': {...}}."""
+    def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any]],
+                        modalities=FEATURE_ORDER) -> NodeSettings:
+        """From effective node parameters: {'video_encoder': {...}, 'audio_encoder': {...}, ...}."""
         from ..core.encoders.base import encoder_class
 
         plugins, options, untrained, weights = {}, {}, {}, {}
@@ -435,7 +453,8 @@ def preparation_fingerprint(bag_path: str | Path, encoders: Mapping[str, Encoder
                             topics: BagTopics, audio: AudioOptions, labels_csv) -> str:
     """Hash of everything the prepared features depend on (bag files' names, sizes and mtimes)."""
     bag_path = Path(bag_path)
-    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in bag_path.iterdir() if p.is_file())
+    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
+                   for p in bag_path.iterdir() if p.is_file())
     payload = {
         'version': PREPARATION_VERSION, 'bag': files,
         'encoders': {m: [e.identity, repr(sorted(getattr(e, 'options', {}).items()))]

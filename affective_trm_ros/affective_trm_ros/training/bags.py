@@ -19,12 +19,21 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
-from rosbags.interfaces import (Connection, MessageDefinitionFormat, Qos, QosDurability, QosHistory,
-                                QosLiveliness, QosReliability, QosTime)
+from rosbags.interfaces import (
+    Connection,
+    MessageDefinitionFormat,
+    Qos,
+    QosDurability,
+    QosHistory,
+    QosLiveliness,
+    QosReliability,
+    QosTime,
+)
 from rosbags.rosbag2 import CompressionFormat, CompressionMode, Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore

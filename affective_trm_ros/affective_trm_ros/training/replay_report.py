@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -152,7 +153,8 @@ def write_estimates_csv(path: Path, table: FrameTable) -> Path:
             writer.writerow([int(table.stamps_ns[i]), f'{table.times_s[i]:.6f}', _num(table.estimates[i, 0]),
                              _num(table.estimates[i, 1]), _num(table.confidence[i]),
                              int(table.modalities[i]) if table.modalities[i] >= 0 else '',
-                             _num(table.latency_s[i] * 1e3, 3), _num(table.truth[i, 0]), _num(table.truth[i, 1])])
+                             _num(table.latency_s[i] * 1e3, 3), _num(table.truth[i, 0]),
+                             _num(table.truth[i, 1])])
     return path
 
 
@@ -213,7 +215,8 @@ def replay_markdown(report: dict) -> str:
     lines = ['## Replay', '',
              f"- Mode: {report['mode']}",
              f"- Frames: {report['frames']} over {fmt(report['duration_s'])} s of recording; "
-             f"{report['frames_with_estimate']} with an estimate (coverage {fmt(report['coverage'] * 100, 2)} %)",
+             f"{report['frames_with_estimate']} with an estimate "
+             f"(coverage {fmt(report['coverage'] * 100, 2)} %)",
              f"- Throughput: {fmt(report['throughput_fps'])} frames/s ({fmt(report['wall_s'])} s wall time)",
              '- Latency, publishing a frame -> its estimate (ms): '
              + ', '.join(f'{k} {fmt(v)}' for k, v in report['latency_ms'].items()),
@@ -222,12 +225,13 @@ def replay_markdown(report: dict) -> str:
              '- Encoders: ' + ', '.join(f'{m} `{i}`' for m, i in report['encoders'].items())]
     if report.get('memory_mb'):
         memory = report['memory_mb']
-        lines.append(f'- Resident memory (MB): {fmt(memory[0][1], 0)} at start, {fmt(memory[-1][1], 0)} at the '
-                     f'end, peak {fmt(max(m for _, m in memory), 0)}')
+        lines.append(f'- Resident memory (MB): {fmt(memory[0][1], 0)} at start, '
+                     f'{fmt(memory[-1][1], 0)} at the end, peak {fmt(max(m for _, m in memory), 0)}')
     if report.get('baseline'):
         lines += ['', '## Beside the memoryless baseline (same features, offline)', '',
-                  '| model | CCC valence | CCC arousal | RMSE valence | RMSE arousal |', '|---|---|---|---|---|']
+                  '| model | CCC valence | CCC arousal | RMSE valence | RMSE arousal |',
+                  '|---|---|---|---|---|']
         for name, metrics in report['baseline'].items():
-            lines.append(f"| {name} | {fmt(metrics['valence']['ccc'], 3)} | {fmt(metrics['arousal']['ccc'], 3)} | "
-                         f"{fmt(metrics['valence']['rmse'], 3)} | {fmt(metrics['arousal']['rmse'], 3)} |")
+            cells = [fmt(metrics[d][m], 3) for m in ('ccc', 'rmse') for d in ('valence', 'arousal')]
+            lines.append(f"| {name} | {' | '.join(cells)} |")
     return '\n'.join(lines) + '\n'

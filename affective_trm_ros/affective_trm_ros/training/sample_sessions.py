@@ -27,16 +27,25 @@ import shutil
 import subprocess
 import tempfile
 import wave
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import cv2
 import numpy as np
 from scipy.signal import resample_poly
 
-from .bags import (AUDIO_DATA_STAMPED, AUDIO_INFO, IMAGE, STRING, VALENCE_AROUSAL, BagWriter,
-                   affective_typestore, make_header)
+from .bags import (
+    AUDIO_DATA_STAMPED,
+    AUDIO_INFO,
+    IMAGE,
+    STRING,
+    VALENCE_AROUSAL,
+    BagWriter,
+    affective_typestore,
+    make_header,
+)
 
 GENERATOR_VERSION = 1  # bump when the output of the same seed changes
 CUSTOM_DATA_KEY = 'affective_trm.generator'  # metadata.yaml custom_data entry: how the bag was made
@@ -442,8 +451,9 @@ def generate_session(path: str | Path, config: Optional[SessionConfig] = None, *
     chunk = config.chunk_samples
     n_chunks = len(audio_i16) // chunk
     # each chunk is stamped with its first sample and logged when its last sample is captured
-    chunk_start_ns = start_ns + np.round(np.arange(n_chunks) * chunk / config.sample_rate * 1e9).astype(np.int64)
-    chunk_log_ns = start_ns + np.round((np.arange(n_chunks) + 1) * chunk / config.sample_rate * 1e9).astype(np.int64)
+    chunk_edges_s = np.arange(n_chunks + 1) * chunk / config.sample_rate
+    chunk_edges_ns = start_ns + np.round(chunk_edges_s * 1e9).astype(np.int64)
+    chunk_start_ns, chunk_log_ns = chunk_edges_ns[:-1], chunk_edges_ns[1:]
     speech_ns = [start_ns + int(round((u.end_s + ASR_LATENCY_S) * 1e9)) for u in utterances]
 
     # merge the streams by log time; ties keep this order: info, audio, speech, image, truth
