@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default='',
                             help=f'{help_text} (default: from the config, normally {default})')
     parser.add_argument('--set', dest='assignments', action='append', default=[], metavar='NODE.PARAM=VALUE',
-                        help='set one parameter (VALUE is YAML: true, 2.5, [a, b]); repeatable')
+                        help='set one parameter (VALUE is YAML: true, 2.5, [a, b]; a float needs '
+                             'its decimal point, 0.0 not 0); repeatable')
     parser.add_argument('--config-dir', type=Path, default=None,
                         help='directory of the per-node files <node>.yaml (default: the installed config/)')
     parser.add_argument('--threads', type=int, default=None, help='executor threads (default: CPU count)')
