@@ -14,7 +14,7 @@ from affective_trm_ros.core.checkpoint import (
 )
 from affective_trm_ros.core.trm import SeedTRM, StatefulTRM, TRMConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids contention on a shared CPU
 
 DIMS = {'audio': 12, 'video': 20, 'text': 8}
 SPEC = [{'modality': 'audio', 'encoder': 'dasheng_base', 'dim': 12},
@@ -39,11 +39,12 @@ def test_round_trip_restores_outputs_normalisation_spec_and_metadata(tmp_path, k
     model = make(kind).eval()
     mean, std = torch.randn(40), torch.rand(40) + 0.5
     model.set_normalization(mean, std)
-    path = save_checkpoint(tmp_path / 'sub' / 'model.pt', model, SPEC,
+    spec = [dict(e, identity=f"{e['encoder']}@test") for e in SPEC]  # extra keys travel along
+    path = save_checkpoint(tmp_path / 'sub' / 'model.pt', model, spec,
                            {'epoch': np.int64(4), 'val_ccc': np.float32(0.5), 'split': ('a', 'b')})
     loaded = load_checkpoint(path)
     assert loaded.kind == kind and not loaded.model.training
-    assert loaded.encoder_spec == SPEC
+    assert loaded.encoder_spec == spec
     assert loaded.metadata == {'epoch': 4, 'val_ccc': 0.5, 'split': ['a', 'b']}
     assert loaded.config == model.config
     torch.testing.assert_close(loaded.model.feature_mean, mean)
@@ -82,6 +83,16 @@ def test_encoder_mismatch_names_both_sides():
     assert "'text'" in message and "'minilm' (8-d)" in message and "'embeddinggemma' (768-d)" in message
     assert "'video'" not in message
     check_encoder_spec(SPEC, [dict(e) for e in SPEC])  # identical specs pass
+
+
+def test_weights_identities_are_compared_only_when_both_sides_state_one():
+    with_weights = [dict(e, encoder=e['encoder'] + '@v1') for e in SPEC]
+    check_encoder_spec(SPEC, with_weights)  # plain plugin ids match any weights of that plugin
+    check_encoder_spec(with_weights, [dict(e) for e in with_weights])
+    untrained = [dict(e) for e in with_weights]
+    untrained[1]['encoder'] = 'hsemotion_enet_b0@untrained'
+    with pytest.raises(ValueError, match="'hsemotion_enet_b0@v1'.*'hsemotion_enet_b0@untrained'"):
+        check_encoder_spec(with_weights, untrained)
 
 
 def test_encoder_mismatch_reports_a_missing_modality():

@@ -9,7 +9,7 @@ from affective_trm_ros.core.checkpoint import save_checkpoint
 from affective_trm_ros.core.predictor import FusionPredictor
 from affective_trm_ros.core.trm import StatefulTRM, TRMConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids contention on a shared CPU
 
 DIMS = {'audio': 12, 'video': 20, 'text': 8}
 SPEC = [{'modality': 'audio', 'encoder': 'dasheng_base', 'dim': 12},

@@ -27,7 +27,7 @@ from affective_trm_ros.core.checkpoint import (
 from affective_trm_ros.core.predictor import FusionPredictor
 from affective_trm_ros.core.trm import SelfAttention, TRMConfig, rope_cos_sin
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids contention on a shared CPU
 
 HIDDEN, INPUT, HEADS, LAYERS, INTER = 512, 2816, 8, 2, 1536
 EPS = 1e-5

@@ -269,7 +269,7 @@ def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] =
         'bag': str(bag_path.resolve()), 'checkpoint': str(checkpoint.resolve()),
         'labels': str(options.labels_csv) if options.labels_csv else options.topics.ground_truth,
         'republished_frames': record.republished_frames, 'memory_mb': record.memory_mb,
-        'node_parameters': parameters, 'device': options.device,
+        'node_parameters': parameters, 'device': options.device, 'session': bag_path.name,
     })
     title = options.title or f'Replay of {bag_path.name} through the nodes'
     files = write_replay_report(out_dir, table, report, title=title, session=bag_path.name)

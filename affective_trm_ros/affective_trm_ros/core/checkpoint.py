@@ -82,7 +82,7 @@ def normalize_encoder_spec(spec) -> list:
             raise ValueError(f'encoder spec: modality {modality!r} has no encoder plugin id')
         if isinstance(dim, bool) or int(dim) != dim or int(dim) <= 0:
             raise ValueError(f'encoder spec: modality {modality!r} has an invalid dim {dim!r}')
-        entries.append({'modality': modality, 'encoder': encoder, 'dim': int(dim)})
+        entries.append({**entry, 'dim': int(dim)})  # extra keys (e.g. a weights identity) are kept
     names = [e['modality'] for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f'encoder spec lists a modality twice: {names}')
@@ -100,6 +100,19 @@ def _describe(entry: Optional[dict]) -> str:
     return 'no encoder' if entry is None else f"encoder '{entry['encoder']}' ({entry['dim']}-d)"
 
 
+def _same_encoder(want: Optional[dict], have: Optional[dict]) -> bool:
+    """Same dim and plugin id; a ``<plugin id>@<weights>`` identity is compared in full only when
+    both sides state one (an embedding's ``encoder`` field carries it, a plain spec may not)."""
+    if want is None or have is None:
+        return want is have
+    if want['dim'] != have['dim']:
+        return False
+    a, b = want['encoder'], have['encoder']
+    if '@' in a and '@' in b:
+        return a == b
+    return a.split('@', 1)[0] == b.split('@', 1)[0]
+
+
 def check_encoder_spec(checkpoint_spec, actual_spec) -> None:
     """Raise ValueError naming both sides when the configured encoders differ from the checkpoint's.
 
@@ -110,7 +123,7 @@ def check_encoder_spec(checkpoint_spec, actual_spec) -> None:
     problems = []
     for modality in FEATURE_ORDER:
         want, have = expected.get(modality), actual.get(modality)
-        if want == have:
+        if _same_encoder(want, have):
             continue
         problems.append(f"modality '{modality}': the checkpoint was trained with {_describe(want)}, "
                         f"the configured side has {_describe(have)}")

@@ -67,10 +67,7 @@ def swiglu_width(hidden_size: int, expansion: float, multiple: int = SWIGLU_MULT
 
 def rms_norm(x: torch.Tensor, eps: float = RMS_NORM_EPS) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dimension, computed in float32."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return x.to(dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def validate_modality_dims(modality_dims: dict) -> dict:

@@ -56,9 +56,13 @@ OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability
 CLOCK_REPEAT_S = 0.05
 # Extra simulated time past the last frame + max_wait at the end, so every frame is due.
 END_MARGIN_S = 0.2
-# Before a speech message the nodes get this long to take the new /clock: the text node stamps
-# an utterance with its clock at arrival, which must be the message's log time.
-SPEECH_SETTLE_S = 0.02
+# Before a speech message the nodes get this long to take the new /clock (the text node stamps an
+# utterance with its clock at arrival, which must be the message's log time), and after the latched
+# audio_info the audio node gets this long to take it before the first audio message.
+SETTLE_S = 0.02
+# Real time: once the bag is published, the video encoder counts as finished when no embedding
+# has come for this long.
+IDLE_AFTER_S = 1.0
 # A frame whose embedding has not come back after this many times the median encode time (and
 # at least MIN_RETRY_S) is published again: best-effort camera QoS may lose a large image. The
 # aligner drops a duplicate stamp, so a frame that was only slow is not fused twice.
@@ -260,7 +264,7 @@ class ReplayDriver(Node):
                            'running?)', clock_ns)
                 frames = [f for f in frames if f not in self._output_stamps]
                 if item.role == ROLE_SPEECH:
-                    time.sleep(SPEECH_SETTLE_S)
+                    time.sleep(SETTLE_S)
             publisher = self._input_pubs[item.role]
             publisher.publish(item.data)
             record.messages_published += 1
@@ -307,10 +311,17 @@ class ReplayDriver(Node):
         end_ns = clock_ns + self._max_wait_ns + int(END_MARGIN_S * 1e9)
         self._publish_clock(end_ns)
         if realtime:
-            # Frames the video node dropped never get an estimate: wait for the ones it encoded,
-            # then give the fusion a moment for anything still in flight.
-            self._wait(lambda: self._video_seen <= self._output_stamps,
-                       'ValenceArousal for every encoded frame', end_ns)
+            # Frames the video node dropped never get an estimate: wait until it has gone quiet and
+            # every frame it encoded has its estimate.
+            all_frames = set(self.record.frame_publish_wall)
+
+            def settled() -> bool:
+                if not self._video_seen <= self._output_stamps:
+                    return False
+                last = max(self.record.embedding_wall.values(), default=0.0)
+                return all_frames <= self._video_seen or time.perf_counter() - last > IDLE_AFTER_S
+
+            self._wait(settled, 'ValenceArousal for every encoded frame', end_ns)
             return
         frames = set(self.record.frame_publish_wall)
         self._wait(lambda: frames <= self._output_stamps,
@@ -338,4 +349,4 @@ class ReplayDriver(Node):
 
         info = deserialize_message(item.data, _message_class(self._input_types[ROLE_AUDIO_INFO]))
         self._audio_format = audio_core.AudioFormat.from_info(info)
-        time.sleep(SPEECH_SETTLE_S)  # latched: let the audio node take it before the first audio
+        time.sleep(SETTLE_S)

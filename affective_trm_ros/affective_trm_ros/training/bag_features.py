@@ -449,14 +449,17 @@ def session_id_for(bag_path: str | Path) -> str:
     return name or 'session'
 
 
+def bag_files(bag_path: str | Path) -> list:
+    """(name, size, mtime) of a bag's files: changes whenever the bag is rewritten."""
+    return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
+                  for p in Path(bag_path).iterdir() if p.is_file())
+
+
 def preparation_fingerprint(bag_path: str | Path, encoders: Mapping[str, Encoder], aligner_config,
                             topics: BagTopics, audio: AudioOptions, labels_csv) -> str:
     """Hash of everything the prepared features depend on (bag files' names, sizes and mtimes)."""
-    bag_path = Path(bag_path)
-    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime))
-                   for p in bag_path.iterdir() if p.is_file())
     payload = {
-        'version': PREPARATION_VERSION, 'bag': files,
+        'version': PREPARATION_VERSION, 'bag': bag_files(bag_path),
         'encoders': {m: [e.identity, repr(sorted(getattr(e, 'options', {}).items()))]
                      for m, e in encoders.items()},
         'alignment': asdict(aligner_config), 'topics': asdict(topics), 'audio': asdict(audio),
@@ -511,7 +514,8 @@ def prepare_bag(bag_path: str | Path, store: FeatureStore, encoders: Mapping[str
     counts = dict(embeddings.counts)
     counts['resets'] = int(resets.sum())
     meta = {
-        'source': 'rosbag', 'bag': str(Path(bag_path).resolve()), 'fingerprint': fingerprint,
+        'source': 'rosbag', 'bag': str(Path(bag_path).resolve()), 'bag_files': bag_files(bag_path),
+        'fingerprint': fingerprint,
         'encoders': embeddings.identities, 'labels': label_source, 'counts': counts,
         'reset_frames': [int(i) for i in np.flatnonzero(resets)],
         'alignment': asdict(aligner_config), 'audio': asdict(audio), 'topics': asdict(topics),

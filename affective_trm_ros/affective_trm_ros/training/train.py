@@ -357,7 +357,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
                 scheduler.step()
                 if ema is not None:
                     ema.update(model)
-                epoch_loss += float(parts.loss)
+                epoch_loss += float(parts.loss.detach())
                 epoch_ccc += parts.ccc.cpu().numpy()
                 windows += 1
             bar.set_postfix(loss=f'{epoch_loss / max(windows, 1):.3f}')

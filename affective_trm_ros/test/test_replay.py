@@ -1,0 +1,178 @@
+"""Replay pieces that need no running nodes: stamps, the per-frame table, report files, labels, inputs."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from affective_trm_ros.training.bag_features import (
+    BagTopics,
+    _match_labels,
+    labels_from_csv,
+    labels_from_topic,
+)
+from affective_trm_ros.training.bags import (
+    IMAGE,
+    STRING,
+    VALENCE_AROUSAL,
+    BagError,
+    BagReader,
+    BagWriter,
+    affective_typestore,
+    make_header,
+)
+from affective_trm_ros.training.replay_report import (
+    build_replay_report,
+    frame_table,
+    percentiles_ms,
+    untrained_line,
+    write_replay_report,
+)
+
+T0 = 1_735_689_600 * 10 ** 9
+FRAME_NS = 33_333_333
+
+
+def _outputs(frames, skip=()):
+    """Fake estimates: valence follows the frame index, one frame missing, one duplicate."""
+    rows = []
+    for i, stamp in enumerate(frames):
+        if i in skip:
+            continue
+        rows.append((stamp, 'default', 0.01 * i, -0.01 * i, 0.5, 3, 10.0 + 0.05 * i))
+    rows.append((frames[0], 'default', 0.99, 0.99, 1.0, 7, 99.0))   # duplicate: the first one counts
+    rows.append((frames[1], 'other', 0.5, 0.5, 1.0, 1, 10.0))       # another stream: ignored
+    return rows
+
+
+def test_header_stamp_of_serialized_messages():
+    from affective_trm_ros.nodes.replay_driver import header_stamp_ns
+
+    store = affective_typestore()
+    image = store.types[IMAGE](header=make_header(T0 + 123, 'cam'), height=1, width=1, encoding='rgb8',
+                               is_bigendian=0, step=3, data=np.zeros(3, np.uint8))
+    assert header_stamp_ns(store.serialize_cdr(image, IMAGE)) == T0 + 123
+    big_endian = store.serialize_cdr(image, IMAGE, little_endian=False)
+    assert header_stamp_ns(big_endian) == T0 + 123
+    with pytest.raises(ValueError):
+        header_stamp_ns(b'\x00\x01')
+
+
+def test_frame_table_joins_estimates_to_frames():
+    frames = [T0 + i * FRAME_NS for i in range(10)]
+    publish = {s: 10.0 + 0.05 * i - 0.2 for i, s in enumerate(frames)}
+    embedded = {s: publish[s] + 0.03 for s in frames}
+    truth = np.stack([np.linspace(-1, 1, 10), np.zeros(10)], axis=1)
+    table = frame_table(frames[::-1], _outputs(frames, skip={4}), publish, embedded, truth)
+    assert table.stamps_ns.tolist() == frames
+    assert table.covered.tolist() == [i != 4 for i in range(10)]
+    assert table.estimates[0].tolist() == [0.0, 0.0] and table.modalities[0] == 3
+    assert math.isnan(table.estimates[4, 0]) and table.modalities[4] == -1
+    np.testing.assert_allclose(table.latency_s[table.covered], 0.2)
+    np.testing.assert_allclose(table.encode_s, 0.03)
+    np.testing.assert_allclose(table.times_s, np.arange(10) * FRAME_NS / 1e9)
+    report = build_replay_report(table, wall_s=2.0, mode='as fast as possible',
+                                 encoders={'video': 'hsemotion_enet_b0@untrained',
+                                           'text': 'minilm@all-MiniLM-L6-v2'})
+    assert report['coverage'] == pytest.approx(0.9)
+    assert report['frames'] == 10 and report['frames_with_estimate'] == 9
+    assert report['throughput_fps'] == pytest.approx(5.0)
+    assert report['latency_ms']['p50'] == pytest.approx(200.0)
+    assert report['modality_presence'] == {'video': 1.0, 'audio': 1.0, 'text': 0.0}
+    assert report['metrics']['valence']['n'] == 9                      # the missing frame is left out
+    assert report['untrained_encoders'] == {'video': 'hsemotion_enet_b0@untrained'}
+
+
+def test_percentiles_and_untrained_line():
+    assert percentiles_ms(np.array([0.001, 0.002, np.nan, 0.003]))['p50'] == pytest.approx(2.0)
+    assert math.isnan(percentiles_ms(np.array([np.nan]))['p95'])
+    trained = untrained_line({'text': 'minilm@all-MiniLM-L6-v2'})
+    assert trained.startswith('All encoders ran with their pretrained')
+    line = untrained_line({'video': 'hsemotion_enet_b0@untrained', 'audio': 'dasheng_base@untrained'})
+    assert line.startswith('UNTRAINED encoders') and 'video (hsemotion_enet_b0), audio (dasheng_base)' in line
+
+
+def test_report_files(tmp_path):
+    frames = [T0 + i * FRAME_NS for i in range(30)]
+    publish = {s: 0.05 * i for i, s in enumerate(frames)}
+    truth = np.stack([np.sin(np.arange(30) / 5), np.cos(np.arange(30) / 5)], axis=1)
+    table = frame_table(frames, _outputs(frames), publish, publish, truth)
+    report = build_replay_report(table, wall_s=3.0, mode='realtime x1', encoders={'video': 'x@untrained'},
+                                 extra={'memory_mb': [(0, 100.0), (30, 101.0)], 'session': 's'})
+    files = write_replay_report(tmp_path, table, report, title='Replay test', session='s')
+    markdown = files['markdown'].read_text().splitlines()
+    assert markdown[0].startswith('UNTRAINED encoders') and 'video (x)' in markdown[0]
+    assert '# Replay test' in markdown
+    assert any('Resident memory (MB): 100 at start' in line for line in markdown)
+    with open(files['csv']) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 30 and float(rows[2]['valence']) == pytest.approx(0.02)
+    assert float(rows[2]['true_arousal']) == pytest.approx(math.cos(0.4), abs=1e-6)
+    with BagReader(files['bag']) as bag:
+        assert bag.topics['/affect/valence_arousal'].count == 30
+        assert bag.topics['/affect/ground_truth'].count == 30
+        first = next(decoded for _, decoded in bag.messages(['/affect/valence_arousal']))
+        assert first.modalities == 3 and first.header.stamp.sec == T0 // 10 ** 9
+    for plot in ('va_plane.png', 'timeseries_s.png'):
+        assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_labels_from_topic_and_csv(tmp_path):
+    store = affective_typestore()
+    frames = [T0 + i * FRAME_NS for i in range(5)]
+    with BagWriter(tmp_path / 'bag') as bag:
+        bag.add_topic('/affect/ground_truth', VALENCE_AROUSAL)
+        for i, stamp in enumerate(frames[:4]):  # the last frame has no label
+            bag.write('/affect/ground_truth', stamp + 2_000_000, store.types[VALENCE_AROUSAL](
+                header=make_header(stamp + 2_000_000), stream_id='default', valence=0.1 * i, arousal=-0.1 * i,
+                confidence=1.0, modalities=0))
+    labels = labels_from_topic(tmp_path / 'bag', 'affect/ground_truth', frames)
+    np.testing.assert_allclose(labels[:4, 0], [0.0, 0.1, 0.2, 0.3], atol=1e-6)
+    assert np.isnan(labels[4]).all()
+    assert labels_from_topic(tmp_path / 'bag', 'other/topic', frames) is None
+    by_frame = tmp_path / 'frames.csv'
+    by_frame.write_text('frame,valence,arousal\n0,0.5,-0.5\n3,1.0,1.0\n')
+    labels = labels_from_csv(by_frame, frames)
+    assert labels[0].tolist() == [0.5, -0.5] and labels[3].tolist() == [1.0, 1.0]
+    assert np.isnan(labels[1]).all()
+    by_stamp = tmp_path / 'stamps.csv'
+    by_stamp.write_text(f'stamp,valence,arousal\n{(frames[2] + 1_000_000) / 1e9:.6f},0.25,0.75\n')
+    assert labels_from_csv(by_stamp, frames)[2].tolist() == [0.25, 0.75]
+    bad = tmp_path / 'bad.csv'
+    bad.write_text('time,v,a\n0,0,0\n')
+    with pytest.raises(ValueError, match="expected columns 'valence', 'arousal'"):
+        labels_from_csv(bad, frames)
+    outside = tmp_path / 'outside.csv'
+    outside.write_text('frame,valence,arousal\n9,0,0\n')
+    with pytest.raises(ValueError, match='outside'):
+        labels_from_csv(outside, frames)
+
+
+def test_label_matching_tolerance():
+    video = np.array([0, 33_000_000, 66_000_000], np.int64)
+    labels = _match_labels(np.array([1_000_000, 50_000_000], np.int64), np.array([[0.1, 0.1], [0.2, 0.2]]),
+                           video, tolerance_s=0.010)
+    assert labels[0].tolist() == pytest.approx([0.1, 0.1])
+    assert np.isnan(labels[1]).all()                    # 17 ms from the nearest label
+    assert np.isnan(labels[2]).all()
+
+
+def test_bag_inputs_pick_topics_and_refuse_wrong_types(tmp_path):
+    from affective_trm_ros.commands.replay import bag_inputs
+
+    store = affective_typestore()
+    with BagWriter(tmp_path / 'bag') as bag:
+        bag.add_topic('/camera/image_raw', IMAGE)
+        bag.add_topic('/speech', VALENCE_AROUSAL)   # wrong type on purpose
+        bag.write('/camera/image_raw', T0, store.types[IMAGE](
+            header=make_header(T0), height=1, width=1, encoding='rgb8', is_bigendian=0, step=3,
+            data=np.zeros(3, np.uint8)))
+    with BagReader(tmp_path / 'bag') as bag:
+        with pytest.raises(BagError, match="no topic 'image_raw'"):
+            bag_inputs(bag, BagTopics(), ['video'])
+        inputs = bag_inputs(bag, BagTopics(image='camera/image_raw'), ['video', 'audio'])
+        assert inputs == {'image': ('/camera/image_raw', IMAGE)}   # no audio recorded: audio not run
+        with pytest.raises(BagError, match="'/speech' has type affective_msgs/msg/ValenceArousal"):
+            bag_inputs(bag, BagTopics(image='camera/image_raw'), ['video', 'text'])
+    assert STRING == 'std_msgs/msg/String'
