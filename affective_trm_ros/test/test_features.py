@@ -8,15 +8,20 @@ import pytest
 from affective_trm_ros.training.features import FeatureStore, InMemoryStore
 from affective_trm_ros.training.splits import make_splits, split_speakers
 
-SPEC = [{'modality': 'audio', 'encoder': 'test_audio', 'dim': 3},
-        {'modality': 'video', 'encoder': 'test_video', 'dim': 5},
-        {'modality': 'text', 'encoder': 'test_text', 'dim': 2}]
+SPEC = [
+    {'modality': 'audio', 'encoder': 'test_audio', 'dim': 3},
+    {'modality': 'video', 'encoder': 'test_video', 'dim': 5},
+    {'modality': 'text', 'encoder': 'test_text', 'dim': 2},
+]
 
 
 def session_arrays(frames=7, seed=0):
     rng = np.random.default_rng(seed)
-    features = {'audio': rng.normal(size=(frames, 3)), 'video': rng.normal(size=(frames, 5)),
-                'text': rng.normal(size=(frames, 2))}
+    features = {
+        'audio': rng.normal(size=(frames, 3)),
+        'video': rng.normal(size=(frames, 5)),
+        'text': rng.normal(size=(frames, 2)),
+    }
     mask = rng.random((frames, 3)) > 0.3
     labels = rng.uniform(-1, 1, size=(frames, 2)).astype(np.float32)
     labels[2] = np.nan
@@ -26,8 +31,15 @@ def session_arrays(frames=7, seed=0):
 def test_round_trip_keeps_every_array_and_inputs_follow_feature_order(tmp_path):
     store = FeatureStore(tmp_path / 'store', encoder_spec=SPEC)
     timestamps, features, mask, labels = session_arrays()
-    store.write_session('1001_DFA_ANG_XX', speaker='1001', timestamps=timestamps, features=features,
-                        mask=mask, labels=labels, meta={'emotion': 'ANG'})
+    store.write_session(
+        '1001_DFA_ANG_XX',
+        speaker='1001',
+        timestamps=timestamps,
+        features=features,
+        mask=mask,
+        labels=labels,
+        meta={'emotion': 'ANG'},
+    )
     reopened = FeatureStore(tmp_path / 'store')
     assert reopened.session_ids() == ['1001_DFA_ANG_XX']
     assert reopened.encoder_spec == SPEC and reopened.dims == {'audio': 3, 'video': 5, 'text': 2}
@@ -35,7 +47,7 @@ def test_round_trip_keeps_every_array_and_inputs_follow_feature_order(tmp_path):
     assert session.speaker == '1001' and session.meta == {'emotion': 'ANG'}
     np.testing.assert_array_equal(session.timestamps, timestamps)
     np.testing.assert_array_equal(session.mask, mask)
-    np.testing.assert_array_equal(session.labels, labels)          # NaN survives
+    np.testing.assert_array_equal(session.labels, labels)  # NaN survives
     for name, block in features.items():
         np.testing.assert_allclose(session.features[name], block.astype(np.float32))
     inputs = session.inputs()
@@ -69,17 +81,26 @@ def test_store_refuses_other_encoders_and_bad_sessions(tmp_path):
     store = FeatureStore(tmp_path / 's')
     timestamps, features, mask, labels = session_arrays()
     with pytest.raises(ValueError, match='video features have shape'):
-        store.write_session('x', speaker='p', timestamps=timestamps,
-                            features={**features, 'video': features['video'][:, :4]}, mask=mask, labels=labels)
+        store.write_session(
+            'x',
+            speaker='p',
+            timestamps=timestamps,
+            features={**features, 'video': features['video'][:, :4]},
+            mask=mask,
+            labels=labels,
+        )
     with pytest.raises(ValueError, match=r'\[-1, 1\]'):
-        store.write_session('x', speaker='p', timestamps=timestamps, features=features, mask=mask,
-                            labels=labels * 3)
+        store.write_session(
+            'x', speaker='p', timestamps=timestamps, features=features, mask=mask, labels=labels * 3
+        )
     with pytest.raises(ValueError, match='must not decrease'):
-        store.write_session('x', speaker='p', timestamps=timestamps[::-1], features=features, mask=mask,
-                            labels=labels)
+        store.write_session(
+            'x', speaker='p', timestamps=timestamps[::-1], features=features, mask=mask, labels=labels
+        )
     with pytest.raises(ValueError, match='session id'):
-        store.write_session('../evil', speaker='p', timestamps=timestamps, features=features, mask=mask,
-                            labels=labels)
+        store.write_session(
+            '../evil', speaker='p', timestamps=timestamps, features=features, mask=mask, labels=labels
+        )
     with pytest.raises(ValueError, match='order'):
         FeatureStore(tmp_path / 't', encoder_spec=[SPEC[1], SPEC[0]])
 

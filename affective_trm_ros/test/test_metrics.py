@@ -30,7 +30,7 @@ def test_ccc_hand_computed_case():
 def test_ccc_of_identical_series_is_one_and_detects_offset_and_scale():
     x, _ = random_pairs(1)
     assert ccc(x, x) == pytest.approx(1.0)
-    assert ccc(x + 0.5, x) < 1.0          # Pearson would still be 1
+    assert ccc(x + 0.5, x) < 1.0  # Pearson would still be 1
     assert pearson(x + 0.5, x) == pytest.approx(1.0)
     assert ccc(2 * x, x) < 1.0
 
@@ -69,7 +69,7 @@ def test_regression_report_is_computed_over_the_whole_set():
     assert report['arousal']['n'] == 300 - len(range(0, 300, 7))
     assert report['mean']['ccc'] == pytest.approx((report['valence']['ccc'] + report['arousal']['ccc']) / 2)
     # Averaging per-batch CCCs gives a different (wrong) number: the report must not do that.
-    batched = np.mean([ccc(pred[i:i + 10, 0], true[i:i + 10, 0]) for i in range(0, 300, 10)])
+    batched = np.mean([ccc(pred[i : i + 10, 0], true[i : i + 10, 0]) for i in range(0, 300, 10)])
     assert report['valence']['ccc'] != pytest.approx(batched)
     with pytest.raises(ValueError, match=r'\(N, 2\)'):
         regression_report(pred[:, :1], true[:, :1])
@@ -93,9 +93,9 @@ def test_masked_ccc_matches_numpy_ccc_and_ignores_masked_entries():
 def test_loss_value_gradient_and_masks():
     rng = np.random.default_rng(2)
     labels = torch.tensor(rng.uniform(-1, 1, size=(3, 20, 2)), dtype=torch.float32)
-    labels[0, :5, 0] = float('nan')                    # unlabelled frames
+    labels[0, :5, 0] = float('nan')  # unlabelled frames
     valid = torch.ones(3, 20, dtype=torch.bool)
-    valid[2, 15:] = False                              # padding
+    valid[2, 15:] = False  # padding
     pred = torch.tensor(rng.uniform(-1, 1, size=(3, 20, 2)), dtype=torch.float32, requires_grad=True)
     parts = CCCMSELoss(ccc_weight=1.0, mse_weight=0.25)(pred, labels, valid)
     supervised = torch.isfinite(labels) & valid[..., None]
@@ -107,9 +107,9 @@ def test_loss_value_gradient_and_masks():
     assert parts.loss.item() == pytest.approx(expected, abs=1e-5)
     parts.loss.backward()
     assert torch.isfinite(pred.grad).all()
-    assert pred.grad[2, 15:].abs().sum() == 0           # padding gets no gradient
-    assert pred.grad[0, :5, 0].abs().sum() == 0         # nor do unlabelled frames
-    assert pred.grad[0, :5, 1].abs().sum() > 0          # the labelled dimension of those frames does
+    assert pred.grad[2, 15:].abs().sum() == 0  # padding gets no gradient
+    assert pred.grad[0, :5, 0].abs().sum() == 0  # nor do unlabelled frames
+    assert pred.grad[0, :5, 1].abs().sum() > 0  # the labelled dimension of those frames does
 
 
 def test_loss_weights_and_perfect_prediction():

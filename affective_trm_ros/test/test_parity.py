@@ -139,3 +139,21 @@ def test_replay_is_deterministic_and_complete(replays):
     assert report['coverage'] == 1.0 and report['republished_frames'] == 0
     assert all(np.isfinite(report['metrics'][d]['ccc']) for d in ('valence', 'arousal'))
     assert report['untrained_encoders'].keys() == {'video', 'audio'}
+
+
+def test_replay_command_in_real_time_writes_a_report(bag, checkpoint, tmp_path, capsys):
+    """The CLI end to end, on the recording's schedule (nothing waited for; frames may drop)."""
+    import json
+
+    from affective_trm_ros.cli import main as cli_main
+
+    out = tmp_path / 'realtime'
+    assert cli_main(['replay', str(bag), '--checkpoint', str(checkpoint), '--realtime', '--rate', '2',
+                     '--allow-untrained', '--set', 'video_encoder.detector=haar', '--out', str(out),
+                     '--quiet']) == 0
+    report = json.loads((out / 'report.json').read_text())
+    assert report['mode'] == 'realtime x2'
+    assert 0.0 < report['coverage'] <= 1.0 and report['frames'] == 60
+    assert report['wall_s'] >= 6.0 / 2 - 0.1                  # the schedule was kept
+    assert (out / 'estimates.csv').is_file() and (out / 'va_plane.png').is_file()
+    assert 'coverage' in capsys.readouterr().out

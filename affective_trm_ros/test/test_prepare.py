@@ -33,6 +33,7 @@ SAMPLE_RATE = 16000
 
 # ---------------------------------------------------------------- tiny encoder plugins
 
+
 class BrightnessEncoder(Encoder):
     """Video: mean R, G, B in [0, 1]; a dark frame holds 'no face' (invalid)."""
 
@@ -64,14 +65,18 @@ class WordEncoder(Encoder):
 
 
 def make_encoders():
-    encoders = {'video': BrightnessEncoder(device='cpu'), 'audio': LevelEncoder(device='cpu'),
-                'text': WordEncoder(device='cpu')}
+    encoders = {
+        'video': BrightnessEncoder(device='cpu'),
+        'audio': LevelEncoder(device='cpu'),
+        'text': WordEncoder(device='cpu'),
+    }
     for modality, encoder in encoders.items():
         encoder.plugin_id = f'test_{modality}'
     return encoders
 
 
 # ---------------------------------------------------------------- media writers
+
 
 def write_wav(path, seconds, amplitude=0.3, rate=SAMPLE_RATE):
     t = np.arange(int(seconds * rate)) / rate
@@ -96,16 +101,21 @@ def crema_root(tmp_path):
     root = tmp_path / 'CREMA-D'
     (root / 'AudioWAV').mkdir(parents=True)
     (root / 'VideoFlash').mkdir()
-    for name, dark in (('1001_DFA_ANG_XX', (0, 1)), ('1001_IEO_HAP_HI', ()), ('1002_TIE_NEU_XX', ()),
-                       ('1003_ITS_SAD_LO', ())):
+    for name, dark in (
+        ('1001_DFA_ANG_XX', (0, 1)),
+        ('1001_IEO_HAP_HI', ()),
+        ('1002_TIE_NEU_XX', ()),
+        ('1003_ITS_SAD_LO', ()),
+    ):
         write_wav(root / 'AudioWAV' / f'{name}.wav', 1.6)
         write_video(root / 'VideoFlash' / f'{name}.flv', 24, dark=dark)
-    write_wav(root / 'AudioWAV' / '1004_WSI_FEA_MD.wav', 1.0)    # no video partner
-    write_wav(root / 'AudioWAV' / 'notes.wav', 0.2)               # not a CREMA-D name
+    write_wav(root / 'AudioWAV' / '1004_WSI_FEA_MD.wav', 1.0)  # no video partner
+    write_wav(root / 'AudioWAV' / 'notes.wav', 0.2)  # not a CREMA-D name
     return root
 
 
 # ---------------------------------------------------------------- CREMA-D labels
+
 
 def test_parse_clip_name_and_sentence_texts():
     clip = parse_clip_name('AudioWAV/1076_MTI_SAD_XX.wav')
@@ -118,9 +128,19 @@ def test_parse_clip_name_and_sentence_texts():
 
 
 def draws(emotion, intensity, n=3000, seed=0):
-    return np.stack([clip_label(parse_clip_name(f'{1001 + i % 91}_{list(SENTENCES)[i % 12]}_{emotion}_{intensity}'
-                                                .replace(f'{1001 + i % 91}_', f'{1001 + i}_')), seed)
-                     for i in range(n)])
+    return np.stack(
+        [
+            clip_label(
+                parse_clip_name(
+                    f'{1001 + i % 91}_{list(SENTENCES)[i % 12]}_{emotion}_{intensity}'.replace(
+                        f'{1001 + i % 91}_', f'{1001 + i}_'
+                    )
+                ),
+                seed,
+            )
+            for i in range(n)
+        ]
+    )
 
 
 def test_labels_are_seeded_per_clip_and_reproducible():
@@ -131,7 +151,7 @@ def test_labels_are_seeded_per_clip_and_reproducible():
 
 
 def test_labels_follow_centroid_intensity_and_noise():
-    sad_lo = draws('SAD', 'LO')                         # -0.42, -0.30: far from the clipping bounds
+    sad_lo = draws('SAD', 'LO')  # -0.42, -0.30: far from the clipping bounds
     np.testing.assert_allclose(sad_lo.mean(0), np.array(EMOTION_CENTROIDS['SAD']) * 0.6, atol=0.015)
     np.testing.assert_allclose(sad_lo.std(0), [0.15, 0.15], atol=0.01)
     neutral = draws('NEU', 'XX')
@@ -142,21 +162,27 @@ def test_labels_follow_centroid_intensity_and_noise():
     # XX: the scale is uniform in [0.7, 1.2], mean 0.95, and adds spread along the centroid direction.
     fea_xx = draws('FEA', 'XX')
     np.testing.assert_allclose(fea_xx.mean(0), np.array(EMOTION_CENTROIDS['FEA']) * 0.95, atol=0.02)
-    expected_std = np.sqrt(0.15 ** 2 + (np.array(EMOTION_CENTROIDS['FEA']) * 0.5 / np.sqrt(12)) ** 2)
+    expected_std = np.sqrt(0.15**2 + (np.array(EMOTION_CENTROIDS['FEA']) * 0.5 / np.sqrt(12)) ** 2)
     np.testing.assert_allclose(fea_xx[:, 0].std(), expected_std[0], atol=0.01)
 
 
 def test_labels_are_clipped_to_the_unit_square():
-    hap_hi = draws('HAP', 'HI')                         # valence centre 0.84: noise pushes some past 1
+    hap_hi = draws('HAP', 'HI')  # valence centre 0.84: noise pushes some past 1
     assert hap_hi.max() == 1.0 and hap_hi.min() >= -1.0
     assert 0.05 < np.mean(hap_hi[:, 0] == 1.0) < 0.3
 
 
 # ---------------------------------------------------------------- CREMA-D extraction
 
+
 def test_discover_reports_unusable_files(crema_root):
     clips, problems = discover_clips(crema_root)
-    assert [c.name for c in clips] == ['1001_DFA_ANG_XX', '1001_IEO_HAP_HI', '1002_TIE_NEU_XX', '1003_ITS_SAD_LO']
+    assert [c.name for c in clips] == [
+        '1001_DFA_ANG_XX',
+        '1001_IEO_HAP_HI',
+        '1002_TIE_NEU_XX',
+        '1003_ITS_SAD_LO',
+    ]
     assert any('1004_WSI_FEA_MD' in p and 'VideoFlash' in p for p in problems)
     assert any('notes' in p for p in problems)
     with pytest.raises(FileNotFoundError, match='AudioWAV'):
@@ -173,8 +199,9 @@ def test_prepare_crema_d_aligns_every_frame_and_restarts(crema_root, tmp_path):
     # One step per video frame, at the clip's frame rate.
     np.testing.assert_allclose(session.timestamps, np.arange(24) / FPS)
     # Every frame carries the clip's label.
-    np.testing.assert_allclose(session.labels, np.repeat(clip_label(parse_clip_name('1001_DFA_ANG_XX'), 7)[None],
-                                                         24, axis=0))
+    np.testing.assert_allclose(
+        session.labels, np.repeat(clip_label(parse_clip_name('1001_DFA_ANG_XX'), 7)[None], 24, axis=0)
+    )
     mask = dict(zip(store.modalities, session.mask.T))
     # Dark frames hold "no face": video masked there only.
     assert not mask['video'][:2].any() and mask['video'][2:].all()
@@ -183,8 +210,8 @@ def test_prepare_crema_d_aligns_every_frame_and_restarts(crema_root, tmp_path):
     expected_audio = session.timestamps >= 0.7 - 1e-6
     np.testing.assert_array_equal(mask['audio'], expected_audio)
     late = session.features['audio'][session.timestamps >= 1.25]
-    np.testing.assert_allclose(late[:, 2], 1.0)                    # a full 1-s window
-    assert late[:, 0].min() > 0.15                                  # RMS of the 0.3-amplitude tone
+    np.testing.assert_allclose(late[:, 2], 1.0)  # a full 1-s window
+    assert late[:, 0].min() > 0.15  # RMS of the 0.3-amplitude tone
     # The sentence is known from the start of the clip.
     assert mask['text'].all()
     np.testing.assert_allclose(session.features['text'][0], [len("Don't forget a jacket"), 4])
@@ -207,39 +234,62 @@ def test_prepare_command_runs_the_real_plugins(tmp_path, capsys):
     face = cv2.resize(astronaut(), (128, 128))
     for name in ('1001_DFA_ANG_XX', '1002_IEO_HAP_HI'):
         write_wav(root / 'AudioWAV' / f'{name}.wav', 1.0)
-        write_video(root / 'VideoFlash' / f'{name}.flv', 8, image=face)
-    code = main(['prepare', 'crema-d', '--root', str(root), '--store', str(tmp_path / 'cli'),
-                 '--video-encoder', 'hsemotion_enet_b0', '--audio-encoder', 'dasheng_base',
-                 '--text-encoder', 'none', '--allow-untrained', '--device', 'cpu', '--limit', '1', '--quiet'])
+        write_video(root / 'VideoFlash' / f'{name}.flv', 16, image=face)
+    code = main(
+        [
+            'prepare',
+            'crema-d',
+            '--root',
+            str(root),
+            '--store',
+            str(tmp_path / 'cli'),
+            '--video-encoder',
+            'hsemotion_enet_b0',
+            '--audio-encoder',
+            'dasheng_base',
+            '--text-encoder',
+            'none',
+            '--allow-untrained',
+            '--device',
+            'cpu',
+            '--limit',
+            '1',
+            '--quiet',
+        ]
+    )
     output = capsys.readouterr()
     assert code == 0, output.err
     assert 'untrained' in output.err and '1 written' in output.out
     store = FeatureStore(tmp_path / 'cli')
     assert [(e['modality'], e['encoder'], e['dim']) for e in store.encoder_spec] == [
-        ('audio', 'dasheng_base', 768), ('video', 'hsemotion_enet_b0', 1280)]
+        ('audio', 'dasheng_base', 768),
+        ('video', 'hsemotion_enet_b0', 1280),
+    ]
     assert store.session_ids() == ['1001_DFA_ANG_XX']
     session = store.load('1001_DFA_ANG_XX')
-    assert len(session) == 8 and session.speaker == '1001'
-    assert session.mask[:, 1].all()                               # the face is found in every frame
+    assert len(session) == 16 and session.speaker == '1001'
+    assert session.mask[:, 1].all()  # the face is found in every frame
     # The one 1-s window ends at 1.0 s: within the 0.3 s slop of the frames from 0.7 s on.
     np.testing.assert_array_equal(session.mask[:, 0], session.timestamps >= 0.7 - 1e-6)
+    assert 0 < session.mask[:, 0].sum() < 16
     assert np.abs(session.features['video']).sum() > 0
 
 
 # ---------------------------------------------------------------- video + CSV
+
 
 def test_label_csv_conventions(tmp_path):
     path = tmp_path / 'labels.csv'
     path.write_text('time,valence,arousal\n0.0,0.1,0.2\n0.1,-5,-5\n0.2,0.3,\n0.3,0.5,0.6\n')
     times, labels = read_label_csv(path)
     np.testing.assert_allclose(times, [0, 0.1, 0.2, 0.3])
-    assert np.isnan(labels[1]).all()                              # Aff-Wild2's -5 = unannotated
+    assert np.isnan(labels[1]).all()  # Aff-Wild2's -5 = unannotated
     assert labels[2, 0] == pytest.approx(0.3) and np.isnan(labels[2, 1])
     # Frames at 15 fps take the nearest row within half the 0.1 s spacing; later frames: unlabelled.
     frames = labels_for_frames(np.arange(8) / FPS, times, labels, FPS)
     np.testing.assert_allclose(frames[0], [0.1, 0.2])
-    np.testing.assert_allclose(frames[4], [0.5, 0.6])             # 0.267 s -> row 0.3
-    assert np.isnan(frames[6:]).all()                             # 0.4 s and later: no row close enough
+    np.testing.assert_allclose(frames[4], [0.5, 0.6])  # 0.267 s -> row 0.3
+    assert np.isnan(frames[6:]).all()  # 0.4 s and later: no row close enough
     per_frame = tmp_path / 'affwild.csv'
     per_frame.write_text('valence,arousal\n0.1,0.2\n0.3,0.4\n')
     times, labels = read_label_csv(per_frame)
@@ -270,8 +320,15 @@ def test_prepare_video_with_side_wav_and_transcript(tmp_path):
     (tmp_path / 'words.csv').write_text('time,text\n1.0,hello there robot\n')
     extractor = SessionExtractor(make_encoders())
     store = FeatureStore(tmp_path / 'store', encoder_spec=extractor.spec)
-    sid = prepare_video(tmp_path / 'talk.mp4', tmp_path / 'talk.csv', store, extractor,
-                        audio_path=tmp_path / 'talk.wav', transcript_path=tmp_path / 'words.csv', speaker='me')
+    sid = prepare_video(
+        tmp_path / 'talk.mp4',
+        tmp_path / 'talk.csv',
+        store,
+        extractor,
+        audio_path=tmp_path / 'talk.wav',
+        transcript_path=tmp_path / 'words.csv',
+        speaker='me',
+    )
     assert sid == 'talk' and store.load('talk').speaker == 'me'
     session = store.load('talk')
     assert len(session) == 30
@@ -279,9 +336,13 @@ def test_prepare_video_with_side_wav_and_transcript(tmp_path):
     assert labelled.all()
     np.testing.assert_allclose(session.labels[3], [np.sin(2 / 5) * 0.5, np.cos(2 / 5) * 0.5], atol=1e-3)
     text = session.mask[:, 2]
-    np.testing.assert_array_equal(text, session.timestamps >= 1.0 - 1e-9)   # utterance at 1.0 s onwards
-    assert prepare_video(tmp_path / 'talk.mp4', tmp_path / 'talk.csv', store, extractor,
-                         audio_path=tmp_path / 'talk.wav') is None         # already there
+    np.testing.assert_array_equal(text, session.timestamps >= 1.0 - 1e-9)  # utterance at 1.0 s onwards
+    assert (
+        prepare_video(
+            tmp_path / 'talk.mp4', tmp_path / 'talk.csv', store, extractor, audio_path=tmp_path / 'talk.wav'
+        )
+        is None
+    )  # already there
 
 
 def test_container_audio_is_decoded_with_pyav(tmp_path):
@@ -305,7 +366,7 @@ def test_container_audio_is_decoded_with_pyav(tmp_path):
                 container.mux(packet)
     samples, rate = load_container_audio(path)
     assert rate == SAMPLE_RATE and abs(samples.size - SAMPLE_RATE) < 0.1 * SAMPLE_RATE
-    assert 0.15 < np.sqrt(np.mean(samples[2000:-2000] ** 2)) < 0.25    # the 0.3 tone's RMS is 0.21
+    assert 0.15 < np.sqrt(np.mean(samples[2000:-2000] ** 2)) < 0.25  # the 0.3 tone's RMS is 0.21
     frames, fps = read_video_frames(path)
     assert fps == FPS and len(list(frames)) == FPS
 
@@ -325,6 +386,6 @@ def test_extraction_config_reaches_the_windower(crema_root):
     extractor = SessionExtractor(make_encoders(), ExtractionConfig(audio_hop_s=0.1))
     frames, _ = read_video_frames(crema_root / 'VideoFlash' / '1001_IEO_HAP_HI.flv')
     result = extractor.extract(frames, audio=load_wav(crema_root / 'AudioWAV' / '1001_IEO_HAP_HI.wav'))
-    assert result.info['audio_windows'] == 7                       # ends at 1.0, 1.1, ..., 1.6 s
+    assert result.info['audio_windows'] == 7  # ends at 1.0, 1.1, ..., 1.6 s
     assert result.mask[:, 0].sum() == np.sum(result.timestamps >= 0.7 - 1e-6)
     assert crema_d.AUDIO_DIR == 'AudioWAV'

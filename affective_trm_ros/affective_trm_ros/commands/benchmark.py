@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -131,13 +132,16 @@ def run_model(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {args.threads} threads'
-    print(f'model step latency on {device} ({where}); {args.steps} timed steps after {args.warmup} warm-up')
+    load = f', load average {os.getloadavg()[0]:.2f}' if hasattr(os, 'getloadavg') else ''
+    print(f'model step latency on {device} ({where}{load}); {args.steps} timed steps after '
+          f'{args.warmup} warm-up')
     rows = []
     for name, factory in _models(args):
         model = factory().to(device).eval()
         for batch in sorted({1, args.batch}):
             stats = time_steps(model, batch, args.steps, args.warmup, device)
-            stats.update(model=name, params=model.num_parameters(), device=str(device), threads=args.threads)
+            stats.update(model=name, params=model.num_parameters(), device=str(device), threads=args.threads,
+                         load_average=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None)
             rows.append(stats)
     header = (f"{'model':<28} {'params':>10} {'streams':>7} {'median ms':>10} {'p99 ms':>8} "
               f"{'per stream ms':>14}")

@@ -59,10 +59,11 @@ class DemoSize:
     epochs: int
 
 
-# Sized to finish within 15 minutes on a 2-core CPU (measured; see docs): training sessions of a
-# minute and a held-out minute at camera rate. --quick is for the end-to-end test.
+# Sized to finish within 15 minutes on a 2-core CPU (measured; see docs/sections/replay_and_demo.md):
+# three training sessions (one selects the epoch) and a held-out session of 45 s each at camera
+# rate. --quick is for the end-to-end test.
 SIZES = {
-    'default': DemoSize(train_sessions=4, session_s=60.0, heldout_s=60.0, fps=30.0, epochs=8),
+    'default': DemoSize(train_sessions=3, session_s=45.0, heldout_s=45.0, fps=30.0, epochs=8),
     'quick': DemoSize(train_sessions=2, session_s=5.0, heldout_s=5.0, fps=10.0, epochs=2),
 }
 

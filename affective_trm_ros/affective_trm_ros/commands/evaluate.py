@@ -19,14 +19,15 @@ from ..core.device import DEVICE_CHOICES_HELP
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--checkpoint', required=True, type=Path, help='checkpoint file (.pt)')
     parser.add_argument('--store', required=True, type=Path, help='feature store directory')
-    parser.add_argument('--split', default='test',
-                        help="'train', 'val', 'test' (default) or 'all'")
+    parser.add_argument('--split', default='test', help="'train', 'val', 'test' (default) or 'all'")
     parser.add_argument('--sessions', nargs='+', help='evaluate these session ids instead of a split')
-    parser.add_argument('--out', type=Path, default=None,
-                        help='report directory (default: <checkpoint folder>/eval_<split>)')
+    parser.add_argument(
+        '--out', type=Path, default=None, help='report directory (default: <checkpoint folder>/eval_<split>)'
+    )
     parser.add_argument('--device', default='cpu', help=DEVICE_CHOICES_HELP + ' (default: cpu)')
-    parser.add_argument('--max-timeseries', type=int, default=4,
-                        help='sessions plotted over time (default: 4)')
+    parser.add_argument(
+        '--max-timeseries', type=int, default=4, help='sessions plotted over time (default: 4)'
+    )
 
 
 def run(args) -> int:
@@ -38,13 +39,16 @@ def run(args) -> int:
     out = args.out or args.checkpoint.parent / f'eval_{name}'
     try:
         store = FeatureStore(args.store)
-        report = evaluate_checkpoint(args.checkpoint, store, split, device=args.device, out_dir=out,
-                                     max_timeseries=args.max_timeseries)
+        report = evaluate_checkpoint(
+            args.checkpoint, store, split, device=args.device, out_dir=out, max_timeseries=args.max_timeseries
+        )
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f'evaluate: {error}', file=sys.stderr)
         return 1
-    print(f"{report['model_kind']} on {report['split_origin']}: {report['sessions']} sessions, "
-          f"{report['labelled_frames']} labelled frames")
+    print(
+        f'{report["model_kind"]} on {report["split_origin"]}: {report["sessions"]} sessions, '
+        f'{report["labelled_frames"]} labelled frames'
+    )
     print(metrics_table(report['metrics']))
     print(f'report: {out / "report.md"}')
     return 0

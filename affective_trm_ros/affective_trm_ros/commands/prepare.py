@@ -23,33 +23,63 @@ NODES = {modality: f'{modality}_encoder' for modality in FEATURE_ORDER}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('source', choices=('crema-d', 'video', 'bag'), help='what to prepare from')
-    parser.add_argument('--store', required=True, type=Path, help='feature store directory (created if absent)')
+    parser.add_argument(
+        '--store', required=True, type=Path, help='feature store directory (created if absent)'
+    )
     inputs = parser.add_argument_group('inputs')
     inputs.add_argument('--root', type=Path, help='crema-d: dataset folder holding AudioWAV/ and VideoFlash/')
-    inputs.add_argument('--limit', type=int, default=None, help='crema-d: only the first N clips (trial runs)')
-    inputs.add_argument('--label-seed', type=int, default=0,
-                        help='crema-d: seed of the per-clip valence/arousal draws (default: 0)')
-    inputs.add_argument('--video', type=Path,
-                        help='video: a video file with audio, or a folder of name.<video> + name.csv pairs')
-    inputs.add_argument('--labels', type=Path,
-                        help='video/bag: per-frame label CSV (time,valence,arousal or valence,arousal per frame)')
-    inputs.add_argument('--audio', type=Path,
-                        help="video: WAV file with the video's sound (default: the video's own audio track)")
+    inputs.add_argument(
+        '--limit', type=int, default=None, help='crema-d: only the first N clips (trial runs)'
+    )
+    inputs.add_argument(
+        '--label-seed',
+        type=int,
+        default=0,
+        help='crema-d: seed of the per-clip valence/arousal draws (default: 0)',
+    )
+    inputs.add_argument(
+        '--video',
+        type=Path,
+        help='video: a video file with audio, or a folder of name.<video> + name.csv pairs',
+    )
+    inputs.add_argument(
+        '--labels',
+        type=Path,
+        help='video/bag: per-frame label CSV (time,valence,arousal or valence,arousal per frame)',
+    )
+    inputs.add_argument(
+        '--audio',
+        type=Path,
+        help="video: WAV file with the video's sound (default: the video's own audio track)",
+    )
     inputs.add_argument('--transcript', type=Path, help='video: CSV time,text of the utterances')
     inputs.add_argument('--bag', type=Path, nargs='+', help='bag: rosbag2 directories')
     inputs.add_argument('--session-id', help='video/bag: session id (default: from the file name)')
-    inputs.add_argument('--speaker', help='video/bag: speaker id for speaker-independent splits '
-                                          '(default: the session id)')
+    inputs.add_argument(
+        '--speaker', help='video/bag: speaker id for speaker-independent splits (default: the session id)'
+    )
     inputs.add_argument('--overwrite', action='store_true', help='re-extract sessions already in the store')
     encoders = parser.add_argument_group('encoders (default: the plugins configured for the nodes)')
     for modality in FEATURE_ORDER:
-        encoders.add_argument(f'--{modality}-encoder', metavar='PLUGIN',
-                              help=f"{modality} encoder plugin id, or 'none' to leave {modality} out")
-    encoders.add_argument('--params-file', type=Path, default=None,
-                          help='system parameter file (default: config/affective_trm.yaml)')
-    encoders.add_argument('--allow-untrained', action='store_true',
-                          help='run encoders whose weights are missing with random weights (smoke tests only)')
-    encoders.add_argument('--device', default='auto', help="encoders' device: auto, cpu, cuda (default: auto)")
+        encoders.add_argument(
+            f'--{modality}-encoder',
+            metavar='PLUGIN',
+            help=f"{modality} encoder plugin id, or 'none' to leave {modality} out",
+        )
+    encoders.add_argument(
+        '--params-file',
+        type=Path,
+        default=None,
+        help='system parameter file (default: config/affective_trm.yaml)',
+    )
+    encoders.add_argument(
+        '--allow-untrained',
+        action='store_true',
+        help='run encoders whose weights are missing with random weights (smoke tests only)',
+    )
+    encoders.add_argument(
+        '--device', default='auto', help="encoders' device: auto, cpu, cuda (default: auto)"
+    )
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
@@ -81,9 +111,12 @@ def _open_store(path: Path, spec: list):
 def _extractor(settings, encoders):
     from ..training.extraction import ExtractionConfig, SessionExtractor
 
-    config = ExtractionConfig(audio_window_s=settings.audio.window_s, audio_hop_s=settings.audio.hop_s,
-                              silence_threshold_dbfs=settings.audio.silence_threshold_dbfs,
-                              alignment=settings.alignment)
+    config = ExtractionConfig(
+        audio_window_s=settings.audio.window_s,
+        audio_hop_s=settings.audio.hop_s,
+        silence_threshold_dbfs=settings.audio.silence_threshold_dbfs,
+        alignment=settings.alignment,
+    )
     return SessionExtractor(encoders, config)
 
 
@@ -98,8 +131,11 @@ def run(args) -> int:
         return 2
     untrained = [f'{m} ({e.identity})' for m, e in encoders.items() if e.untrained]
     if untrained:
-        print(f"prepare: WARNING: untrained encoders: {', '.join(untrained)}; these features carry no "
-              f'affect information', file=sys.stderr)
+        print(
+            f'prepare: WARNING: untrained encoders: {", ".join(untrained)}; these features carry no '
+            f'affect information',
+            file=sys.stderr,
+        )
     try:
         if args.source == 'crema-d':
             return _crema_d(args, settings, encoders)
@@ -119,14 +155,17 @@ def _crema_d(args, settings, encoders) -> int:
         return 2
     extractor = _extractor(settings, encoders)
     store = _open_store(args.store, extractor.spec)
-    summary = prepare_crema_d(args.root, store, extractor, label_seed=args.label_seed, limit=args.limit,
-                              progress=not args.quiet)
+    summary = prepare_crema_d(
+        args.root, store, extractor, label_seed=args.label_seed, limit=args.limit, progress=not args.quiet
+    )
     for problem in summary['problems'][:20]:
         print(f'  skipped: {problem}', file=sys.stderr)
     if len(summary['problems']) > 20:
-        print(f"  ... and {len(summary['problems']) - 20} more", file=sys.stderr)
-    print(f"CREMA-D: {summary['clips']} clips, {summary['written']} written, {summary['skipped']} already "
-          f"in {args.store}, {len(summary['problems'])} files skipped")
+        print(f'  ... and {len(summary["problems"]) - 20} more', file=sys.stderr)
+    print(
+        f'CREMA-D: {summary["clips"]} clips, {summary["written"]} written, {summary["skipped"]} already '
+        f'in {args.store}, {len(summary["problems"])} files skipped'
+    )
     return 0
 
 
@@ -140,8 +179,11 @@ def _video(args, settings, encoders) -> int:
         return 2
     if args.video.is_dir():
         if args.labels or args.audio or args.transcript or args.session_id:
-            print('prepare video: with a folder, labels come from name.csv beside each video; '
-                  '--labels/--audio/--transcript/--session-id apply to a single video only', file=sys.stderr)
+            print(
+                'prepare video: with a folder, labels come from name.csv beside each video; '
+                '--labels/--audio/--transcript/--session-id apply to a single video only',
+                file=sys.stderr,
+            )
             return 2
         pairs = [(video, labels, None, None, None) for video, labels in discover_pairs(args.video)]
     else:
@@ -153,8 +195,17 @@ def _video(args, settings, encoders) -> int:
     store = _open_store(args.store, extractor.spec)
     written = 0
     for video, labels, audio, transcript, session_id in tqdm(pairs, desc='videos', disable=args.quiet):
-        done = prepare_video(video, labels, store, extractor, session_id=session_id, speaker=args.speaker,
-                             audio_path=audio, transcript_path=transcript, overwrite=args.overwrite)
+        done = prepare_video(
+            video,
+            labels,
+            store,
+            extractor,
+            session_id=session_id,
+            speaker=args.speaker,
+            audio_path=audio,
+            transcript_path=transcript,
+            overwrite=args.overwrite,
+        )
         written += done is not None
     print(f'video: {len(pairs)} videos, {written} written, {len(pairs) - written} already in {args.store}')
     return 0
@@ -174,9 +225,18 @@ def _bag(args, settings, encoders) -> int:
         return 2
     store = _open_store(args.store, encoder_spec(encoders))
     for bag in args.bag:
-        result = prepare_bag(bag, store, encoders, settings.alignment, session_id=args.session_id,
-                             speaker=args.speaker, labels_csv=args.labels, audio=settings.audio,
-                             progress=not args.quiet, overwrite=args.overwrite)
+        result = prepare_bag(
+            bag,
+            store,
+            encoders,
+            settings.alignment,
+            session_id=args.session_id,
+            speaker=args.speaker,
+            labels_csv=args.labels,
+            audio=settings.audio,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
         state = 'already in the store' if result.skipped else 'written'
         print(f'{result.session_id}: {result.frames} frames, {result.labelled_frames} labelled ({state})')
     return 0

@@ -24,36 +24,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training.train import TrainConfig
 
     defaults = TrainConfig()
-    parser.add_argument('--store', required=True, type=Path, help='feature store directory (affective-trm prepare)')
-    parser.add_argument('--out', type=Path, default=Path(defaults.out_dir),
-                        help=f'output directory (default: {defaults.out_dir})')
-    parser.add_argument('--model', choices=KINDS, default=defaults.model,
-                        help="model kind: trm (stateful TRM), seed_trm (prototype-compatible), mlp, gru")
-    parser.add_argument('--model-config', default='{}',
-                        help='JSON object of model config overrides, e.g. \'{"hidden_size": 256}\'')
+    parser.add_argument(
+        '--store', required=True, type=Path, help='feature store directory (affective-trm prepare)'
+    )
+    parser.add_argument(
+        '--out',
+        type=Path,
+        default=Path(defaults.out_dir),
+        help=f'output directory (default: {defaults.out_dir})',
+    )
+    parser.add_argument(
+        '--model',
+        choices=KINDS,
+        default=defaults.model,
+        help='model kind: trm (stateful TRM), seed_trm (prototype-compatible), mlp, gru',
+    )
+    parser.add_argument(
+        '--model-config',
+        default='{}',
+        help='JSON object of model config overrides, e.g. \'{"hidden_size": 256}\'',
+    )
     group = parser.add_argument_group('optimisation')
     for name, kind, text in (
-            ('epochs', int, 'maximum epochs'), ('batch_size', int, 'sessions per batch'),
-            ('window', int, 'frames per truncated-BPTT window'),
-            ('crop_frames', int, 'train on random crops of at most this many frames per session'),
-            ('lr', float, 'peak learning rate (AdamW)'), ('weight_decay', float, 'AdamW weight decay'),
-            ('warmup_fraction', float, 'fraction of steps for the linear warm-up'),
-            ('grad_clip', float, 'gradient norm clip (0 = off)'),
-            ('ema_decay', float, 'EMA decay of the weights (0 = off)'),
-            ('patience', int, 'early stopping: epochs without validation CCC gain'),
-            ('ccc_weight', float, 'loss weight of (1 - CCC)'), ('mse_weight', float, 'loss weight of MSE'),
-            ('modality_dropout', float, 'probability of hiding a modality for a window'),
-            ('seed', int, 'random seed')):
-        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=getattr(defaults, name),
-                           help=f'{text} (default: {getattr(defaults, name)})')
+        ('epochs', int, 'maximum epochs'),
+        ('batch_size', int, 'sessions per batch'),
+        ('window', int, 'frames per truncated-BPTT window'),
+        ('crop_frames', int, 'train on random crops of at most this many frames per session'),
+        ('lr', float, 'peak learning rate (AdamW)'),
+        ('weight_decay', float, 'AdamW weight decay'),
+        ('warmup_fraction', float, 'fraction of steps for the linear warm-up'),
+        ('grad_clip', float, 'gradient norm clip (0 = off)'),
+        ('ema_decay', float, 'EMA decay of the weights (0 = off)'),
+        ('patience', int, 'early stopping: epochs without validation CCC gain'),
+        ('ccc_weight', float, 'loss weight of (1 - CCC)'),
+        ('mse_weight', float, 'loss weight of MSE'),
+        ('modality_dropout', float, 'probability of hiding a modality for a window'),
+        ('seed', int, 'random seed'),
+    ):
+        group.add_argument(
+            f'--{name.replace("_", "-")}',
+            dest=name,
+            type=kind,
+            default=getattr(defaults, name),
+            help=f'{text} (default: {getattr(defaults, name)})',
+        )
     split = parser.add_argument_group('splits')
-    split.add_argument('--split-by', choices=('speaker', 'session'), default=defaults.split_by,
-                       help='speaker: no speaker in two splits (default); session: sessions shuffled freely')
-    split.add_argument('--split-fractions', type=float, nargs=3, default=list(defaults.split_fractions),
-                       metavar=('TRAIN', 'VAL', 'TEST'), help='default: 0.8 0.1 0.1')
+    split.add_argument(
+        '--split-by',
+        choices=('speaker', 'session'),
+        default=defaults.split_by,
+        help='speaker: no speaker in two splits (default); session: sessions shuffled freely',
+    )
+    split.add_argument(
+        '--split-fractions',
+        type=float,
+        nargs=3,
+        default=list(defaults.split_fractions),
+        metavar=('TRAIN', 'VAL', 'TEST'),
+        help='default: 0.8 0.1 0.1',
+    )
     split.add_argument('--split-seed', type=int, default=defaults.split_seed)
-    split.add_argument('--splits-file', type=Path,
-                       help='JSON {"train": [...], "val": [...], "test": [...]} of session ids (overrides the above)')
+    split.add_argument(
+        '--splits-file',
+        type=Path,
+        help='JSON {"train": [...], "val": [...], "test": [...]} of session ids (overrides the above)',
+    )
     parser.add_argument('--device', default='auto', help=DEVICE_CHOICES_HELP)
     parser.add_argument('--no-bf16', action='store_true', help='no bfloat16 autocast on CUDA')
     parser.add_argument('--no-plots', action='store_true', help='skip the PNG plots')
@@ -72,9 +107,16 @@ def config_from_args(args):
     splits = json.loads(args.splits_file.read_text()) if args.splits_file else None
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    values.update(model=args.model, model_config=model_config, out_dir=str(args.out), splits=splits,
-                  split_fractions=tuple(args.split_fractions), bf16=not args.no_bf16,
-                  plots=not args.no_plots, progress=not args.quiet)
+    values.update(
+        model=args.model,
+        model_config=model_config,
+        out_dir=str(args.out),
+        splits=splits,
+        split_fractions=tuple(args.split_fractions),
+        bf16=not args.no_bf16,
+        plots=not args.no_plots,
+        progress=not args.quiet,
+    )
     return TrainConfig(**values)
 
 
@@ -90,10 +132,15 @@ def run(args) -> int:
         print(f'train: {error}', file=sys.stderr)
         return 1
     report = result.val_report
-    print(f'best epoch {result.best_epoch} of {len(result.history)}: validation CCC valence '
-          f"{report['valence']['ccc']:.3f}, arousal {report['arousal']['ccc']:.3f}, mean {report['mean']['ccc']:.3f}")
+    ccc = {name: report[name]['ccc'] for name in ('valence', 'arousal', 'mean')}
+    print(
+        f'best epoch {result.best_epoch} of {len(result.history)}: validation CCC valence '
+        f"{ccc['valence']:.3f}, arousal {ccc['arousal']:.3f}, mean {ccc['mean']:.3f}"
+    )
     print(f'checkpoint: {result.checkpoint_path}')
-    print(f"splits: {', '.join(f'{k} {len(v)} sessions' for k, v in result.splits.items())}; "
-          f'evaluate with: affective-trm evaluate --checkpoint {result.checkpoint_path} --store {args.store} '
-          f'--split test')
+    print(
+        f'splits: {", ".join(f"{k} {len(v)} sessions" for k, v in result.splits.items())}; '
+        f'evaluate with: affective-trm evaluate --checkpoint {result.checkpoint_path} --store {args.store} '
+        f'--split test'
+    )
     return 0

@@ -90,8 +90,13 @@ def regression_report(pred, true) -> dict:
     report: dict = {}
     for column, name in enumerate(DIMENSIONS):
         p, t = pred[:, column], true[:, column]
-        report[name] = {'ccc': ccc(p, t), 'rmse': rmse(p, t), 'pearson': pearson(p, t),
-                        'n': int(np.sum(np.isfinite(p) & np.isfinite(t)))}
-    report['mean'] = {metric: float(np.mean([report[name][metric] for name in DIMENSIONS]))
-                      for metric in METRICS}
+        report[name] = {
+            'ccc': ccc(p, t),
+            'rmse': rmse(p, t),
+            'pearson': pearson(p, t),
+            'n': int(np.sum(np.isfinite(p) & np.isfinite(t))),
+        }
+    report['mean'] = {
+        metric: float(np.mean([report[name][metric] for name in DIMENSIONS])) for metric in METRICS
+    }
     return report

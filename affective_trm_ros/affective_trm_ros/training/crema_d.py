@@ -27,12 +27,12 @@ import numpy as np
 
 # The prototype's valence/arousal centroid of each CREMA-D emotion code.
 EMOTION_CENTROIDS = {
-    'ANG': (-0.6, 0.7),   # anger
-    'DIS': (-0.7, 0.3),   # disgust
-    'FEA': (-0.3, 0.8),   # fear
-    'HAP': (0.7, 0.6),    # happy
+    'ANG': (-0.6, 0.7),  # anger
+    'DIS': (-0.7, 0.3),  # disgust
+    'FEA': (-0.3, 0.8),  # fear
+    'HAP': (0.7, 0.6),  # happy
     'SAD': (-0.7, -0.5),  # sad
-    'NEU': (0.0, 0.0),    # neutral
+    'NEU': (0.0, 0.0),  # neutral
 }
 # Intensity code -> scale of the centroid; 'XX' (unspecified) is drawn uniformly from XX_RANGE.
 INTENSITY_SCALES = {'LO': 0.6, 'MD': 1.0, 'HI': 1.2}
@@ -64,11 +64,11 @@ DEFAULT_LABEL_SEED = 0
 class CremaClip:
     """One CREMA-D recording, parsed from its file name."""
 
-    name: str          # e.g. '1001_DFA_ANG_XX'
-    actor: str         # '1001'
-    sentence: str      # code, e.g. 'DFA'
-    emotion: str       # code, e.g. 'ANG'
-    intensity: str     # 'LO' | 'MD' | 'HI' | 'XX'
+    name: str  # e.g. '1001_DFA_ANG_XX'
+    actor: str  # '1001'
+    sentence: str  # code, e.g. 'DFA'
+    emotion: str  # code, e.g. 'ANG'
+    intensity: str  # 'LO' | 'MD' | 'HI' | 'XX'
     audio_path: Optional[Path] = None
     video_path: Optional[Path] = None
 
@@ -120,8 +120,9 @@ def discover_clips(root) -> tuple[list, list]:
     root = Path(root)
     audio_dir, video_dir = root / AUDIO_DIR, root / VIDEO_DIR
     if not audio_dir.is_dir() or not video_dir.is_dir():
-        raise FileNotFoundError(f'{root} does not look like CREMA-D: expected folders {AUDIO_DIR}/ and '
-                                f'{VIDEO_DIR}/ inside it')
+        raise FileNotFoundError(
+            f'{root} does not look like CREMA-D: expected folders {AUDIO_DIR}/ and {VIDEO_DIR}/ inside it'
+        )
     videos = {path.stem: path for path in video_dir.glob('*.flv')}
     clips, problems = [], []
     for audio in sorted(audio_dir.glob('*.wav')):
@@ -134,15 +135,31 @@ def discover_clips(root) -> tuple[list, list]:
         if video is None:
             problems.append(f'{clip.name}: no {VIDEO_DIR}/{clip.name}.flv')
             continue
-        clips.append(CremaClip(clip.name, clip.actor, clip.sentence, clip.emotion, clip.intensity,
-                               audio_path=audio, video_path=video))
+        clips.append(
+            CremaClip(
+                clip.name,
+                clip.actor,
+                clip.sentence,
+                clip.emotion,
+                clip.intensity,
+                audio_path=audio,
+                video_path=video,
+            )
+        )
     audio_names = {path.stem for path in audio_dir.glob('*.wav')}
     problems += [f'{name}: no {AUDIO_DIR}/{name}.wav' for name in sorted(set(videos) - audio_names)]
     return clips, problems
 
 
-def prepare_crema_d(root, store, extractor, *, label_seed: int = DEFAULT_LABEL_SEED,
-                    limit: Optional[int] = None, progress: bool = True) -> dict:
+def prepare_crema_d(
+    root,
+    store,
+    extractor,
+    *,
+    label_seed: int = DEFAULT_LABEL_SEED,
+    limit: Optional[int] = None,
+    progress: bool = True,
+) -> dict:
     """Extract every clip under ``root`` into ``store``, skipping clips already there.
 
     ``extractor``: a :class:`~.extraction.SessionExtractor` (encoders, windowing, alignment).
@@ -167,12 +184,28 @@ def prepare_crema_d(root, store, extractor, *, label_seed: int = DEFAULT_LABEL_S
         label = clip_label(clip, label_seed)
         labels = np.repeat(label[None, :], len(result.timestamps), axis=0)
         store.write_session(
-            clip.name, speaker=clip.actor, timestamps=result.timestamps, features=result.features,
-            mask=result.mask, labels=labels,
-            meta={'source': 'crema-d', 'emotion': clip.emotion, 'intensity': clip.intensity,
-                  'sentence': clip.sentence, 'text': clip.text, 'fps': fps,
-                  'label_seed': label_seed, **result.info})
+            clip.name,
+            speaker=clip.actor,
+            timestamps=result.timestamps,
+            features=result.features,
+            mask=result.mask,
+            labels=labels,
+            meta={
+                'source': 'crema-d',
+                'emotion': clip.emotion,
+                'intensity': clip.intensity,
+                'sentence': clip.sentence,
+                'text': clip.text,
+                'fps': fps,
+                'label_seed': label_seed,
+                **result.info,
+            },
+        )
         written += 1
-    store.update_info(source='crema-d', label_seed=label_seed, encoders=extractor.identities(),
-                      extraction=extractor.config.as_dict())
+    store.update_info(
+        source='crema-d',
+        label_seed=label_seed,
+        encoders=extractor.identities(),
+        extraction=extractor.config.as_dict(),
+    )
     return {'clips': len(clips), 'written': written, 'skipped': skipped, 'problems': problems}

@@ -8,8 +8,9 @@ and no label, so they contribute neither to the loss nor to the metrics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,33 +21,45 @@ from ..core.trm import MIN_FEATURE_STD
 # their order stays random.
 LENGTH_POOL_BATCHES = 8
 # Keep every session of a split in memory when their features take less than this.
-DEFAULT_MEMORY_BUDGET_BYTES = 4 * 1024 ** 3
+DEFAULT_MEMORY_BUDGET_BYTES = 4 * 1024**3
 
 
 @dataclass
 class Batch:
     ids: list
-    x: torch.Tensor        # (B, T, D) float32
-    mask: torch.Tensor     # (B, T, M) bool
-    labels: torch.Tensor   # (B, T, 2) float32, NaN = unlabelled
-    valid: torch.Tensor    # (B, T) bool
+    x: torch.Tensor  # (B, T, D) float32
+    mask: torch.Tensor  # (B, T, M) bool
+    labels: torch.Tensor  # (B, T, 2) float32, NaN = unlabelled
+    valid: torch.Tensor  # (B, T) bool
     lengths: list
 
     def to(self, device) -> Batch:
-        return Batch(self.ids, self.x.to(device), self.mask.to(device), self.labels.to(device),
-                     self.valid.to(device), self.lengths)
+        return Batch(
+            self.ids,
+            self.x.to(device),
+            self.mask.to(device),
+            self.labels.to(device),
+            self.valid.to(device),
+            self.lengths,
+        )
 
     def window(self, start: int, stop: int) -> Batch:
-        return Batch(self.ids, self.x[:, start:stop], self.mask[:, start:stop],
-                     self.labels[:, start:stop], self.valid[:, start:stop],
-                     [max(0, min(length, stop) - start) for length in self.lengths])
+        return Batch(
+            self.ids,
+            self.x[:, start:stop],
+            self.mask[:, start:stop],
+            self.labels[:, start:stop],
+            self.valid[:, start:stop],
+            [max(0, min(length, stop) - start) for length in self.lengths],
+        )
 
 
 class SessionSource:
     """Sessions of one split, held in memory when they fit ``memory_budget`` bytes, else read on demand."""
 
-    def __init__(self, store, session_ids: Sequence[str],
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
+    def __init__(
+        self, store, session_ids: Sequence[str], memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
+    ) -> None:
         self.store = store
         self.ids = list(session_ids)
         self.lengths = {sid: store.num_frames(sid) for sid in self.ids}
@@ -61,8 +74,12 @@ class SessionSource:
         if self._cache is not None and session_id in self._cache:
             return self._cache[session_id]
         session = self.store.load(session_id)
-        item = (session.inputs(), session.mask.astype(bool), session.labels.astype(np.float32),
-                session.timestamps)
+        item = (
+            session.inputs(),
+            session.mask.astype(bool),
+            session.labels.astype(np.float32),
+            session.timestamps,
+        )
         if self._cache is not None:
             self._cache[session_id] = item
         return item
@@ -74,8 +91,7 @@ class SessionSource:
         return sum(int(np.sum(np.all(np.isfinite(self.arrays(sid)[2]), axis=1))) for sid in self.ids)
 
 
-def collate(source: SessionSource, session_ids: Sequence[str],
-            crops: Optional[dict] = None) -> Batch:
+def collate(source: SessionSource, session_ids: Sequence[str], crops: Optional[dict] = None) -> Batch:
     """Pad sessions into one Batch; ``crops`` maps a session id to a (start, stop) frame range."""
     items = []
     for sid in session_ids:
@@ -94,12 +110,19 @@ def collate(source: SessionSource, session_ids: Sequence[str],
     for row, (inputs, m, lab) in enumerate(items):
         n = inputs.shape[0]
         x[row, :n], mask[row, :n], labels[row, :n], valid[row, :n] = inputs, m, lab, True
-    return Batch(list(session_ids), torch.from_numpy(x), torch.from_numpy(mask),
-                 torch.from_numpy(labels), torch.from_numpy(valid), lengths)
+    return Batch(
+        list(session_ids),
+        torch.from_numpy(x),
+        torch.from_numpy(mask),
+        torch.from_numpy(labels),
+        torch.from_numpy(valid),
+        lengths,
+    )
 
 
-def batches_by_length(session_ids: Sequence[str], lengths: dict, batch_size: int,
-                      rng: Optional[np.random.Generator]) -> list:
+def batches_by_length(
+    session_ids: Sequence[str], lengths: dict, batch_size: int, rng: Optional[np.random.Generator]
+) -> list:
     """Group sessions into batches of similar length; random order when ``rng`` is given."""
     ids = list(session_ids)
     if rng is not None:
@@ -107,8 +130,8 @@ def batches_by_length(session_ids: Sequence[str], lengths: dict, batch_size: int
     pool = max(batch_size * LENGTH_POOL_BATCHES, batch_size)
     batches = []
     for start in range(0, len(ids), pool):
-        chunk = sorted(ids[start:start + pool], key=lambda sid: lengths[sid])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(ids[start : start + pool], key=lambda sid: lengths[sid])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -133,14 +156,15 @@ def input_statistics(source: SessionSource, block_bounds: Sequence[tuple]) -> tu
             count[lo:hi] += rows.shape[0]
     safe = np.maximum(count, 1.0)
     mean = np.where(count > 0, total / safe, 0.0)
-    var = np.where(count > 0, total_sq / safe - mean ** 2, 1.0)
+    var = np.where(count > 0, total_sq / safe - mean**2, 1.0)
     std = np.sqrt(np.maximum(var, 0.0))
     std = np.where(std < MIN_FEATURE_STD, 1.0, std)
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def modality_dropout(mask: torch.Tensor, valid: torch.Tensor, probability: float,
-                     generator: torch.Generator) -> torch.Tensor:
+def modality_dropout(
+    mask: torch.Tensor, valid: torch.Tensor, probability: float, generator: torch.Generator
+) -> torch.Tensor:
     """Hide whole modalities of whole windows at random (per stream and modality), in place of a copy.
 
     ``mask`` (B, T, M); each (stream, modality) pair is dropped for the window with ``probability``.
@@ -152,7 +176,7 @@ def modality_dropout(mask: torch.Tensor, valid: torch.Tensor, probability: float
     batch, _, modalities = mask.shape
     drop = torch.rand((batch, modalities), generator=generator, device='cpu') < probability
     drop = drop.to(mask.device)
-    present = mask.any(dim=1)                                   # (B, M) present somewhere in the window
+    present = mask.any(dim=1)  # (B, M) present somewhere in the window
     kept = present & ~drop
     # Streams that would lose every present modality keep them all.
     keep_all = ~kept.any(dim=1, keepdim=True) & present.any(dim=1, keepdim=True)

@@ -50,13 +50,25 @@ def resolve_split(split: Union[str, list], store, metadata: dict) -> tuple:
     if stored and all(store.has(sid) for sid in stored):
         return list(stored), f"the checkpoint's {split} split"
     settings = metadata.get('train_config') or {}
-    splits = make_splits(store.speakers(), tuple(settings.get('split_fractions', DEFAULT_FRACTIONS)),
-                         int(settings.get('split_seed', DEFAULT_SPLIT_SEED)), settings.get('split_by', 'speaker'))
+    splits = make_splits(
+        store.speakers(),
+        tuple(settings.get('split_fractions', DEFAULT_FRACTIONS)),
+        int(settings.get('split_seed', DEFAULT_SPLIT_SEED)),
+        settings.get('split_by', 'speaker'),
+    )
     return splits[split], f'{split} split recomputed on this store'
 
 
-def evaluate_checkpoint(checkpoint, store, split: Union[str, list] = 'test', *, device: str = 'cpu',
-                        out_dir=None, batch_size: int = 64, max_timeseries: int = DEFAULT_MAX_TIMESERIES) -> dict:
+def evaluate_checkpoint(
+    checkpoint,
+    store,
+    split: Union[str, list] = 'test',
+    *,
+    device: str = 'cpu',
+    out_dir=None,
+    batch_size: int = 64,
+    max_timeseries: int = DEFAULT_MAX_TIMESERIES,
+) -> dict:
     """Metrics of ``checkpoint`` (path or LoadedCheckpoint) on ``split`` of ``store``.
 
     Checks that the store's encoder spec matches the checkpoint's (ValueError naming both sides).
@@ -76,26 +88,31 @@ def evaluate_checkpoint(checkpoint, store, split: Union[str, list] = 'test', *, 
     timestamps = {sid: source.arrays(sid)[3] for sid in session_ids}
     masks = np.concatenate([source.arrays(sid)[1] for sid in session_ids])
     report = build_report(preds, truths, confidence=confidence)
-    report.update({
-        'checkpoint': str(checkpoint) if isinstance(checkpoint, (str, Path)) else 'in memory',
-        'model_kind': loaded.kind,
-        'encoder_spec': loaded.encoder_spec,
-        'store': str(store.root),
-        'split': split if isinstance(split, str) else 'custom',
-        'split_origin': origin,
-        'modality_presence': {m: float(masks[:, i].mean()) for i, m in enumerate(store.modalities)},
-        'trained_epoch': loaded.metadata.get('epoch'),
-    })
+    report.update(
+        {
+            'checkpoint': str(checkpoint) if isinstance(checkpoint, (str, Path)) else 'in memory',
+            'model_kind': loaded.kind,
+            'encoder_spec': loaded.encoder_spec,
+            'store': str(store.root),
+            'split': split if isinstance(split, str) else 'custom',
+            'split_origin': origin,
+            'modality_presence': {m: float(masks[:, i].mean()) for i, m in enumerate(store.modalities)},
+            'trained_epoch': loaded.metadata.get('epoch'),
+        }
+    )
     if out_dir is not None:
-        write_report(report, out_dir, preds, truths, timestamps, confidence=confidence,
-                     max_timeseries=max_timeseries)
+        write_report(
+            report, out_dir, preds, truths, timestamps, confidence=confidence, max_timeseries=max_timeseries
+        )
     return report
 
 
 def build_report(predictions: dict, truths: dict, confidence: Optional[dict] = None) -> dict:
     """Whole-set metrics plus per-session RMSE from per-session (T, 2) predictions and labels."""
     ids = list(predictions)
-    all_pred = np.concatenate([np.asarray(predictions[s], np.float64) for s in ids]) if ids else np.zeros((0, 2))
+    all_pred = (
+        np.concatenate([np.asarray(predictions[s], np.float64) for s in ids]) if ids else np.zeros((0, 2))
+    )
     all_true = np.concatenate([np.asarray(truths[s], np.float64) for s in ids]) if ids else np.zeros((0, 2))
     labelled = np.all(np.isfinite(all_true), axis=1)
     report = {
@@ -111,10 +128,12 @@ def build_report(predictions: dict, truths: dict, confidence: Optional[dict] = N
         report['confidence_mean'] = float(np.nanmean(values)) if values.size else math.nan
     for sid in ids:
         session = regression_report(np.asarray(predictions[sid]), np.asarray(truths[sid]))
-        report['per_session'][sid] = {'frames': int(np.asarray(predictions[sid]).shape[0]),
-                                      'rmse_valence': session['valence']['rmse'],
-                                      'rmse_arousal': session['arousal']['rmse'],
-                                      'ccc_mean': session['mean']['ccc']}
+        report['per_session'][sid] = {
+            'frames': int(np.asarray(predictions[sid]).shape[0]),
+            'rmse_valence': session['valence']['rmse'],
+            'rmse_arousal': session['arousal']['rmse'],
+            'ccc_mean': session['mean']['ccc'],
+        }
     return report
 
 
@@ -127,8 +146,17 @@ def _as_sessions(value, name: str) -> dict:
     return {'stream': np.asarray(value)}
 
 
-def write_report(report: dict, out_dir, predictions, truths, timestamps, *, confidence=None,
-                 max_timeseries: int = DEFAULT_MAX_TIMESERIES, title: str = 'Evaluation') -> dict:
+def write_report(
+    report: dict,
+    out_dir,
+    predictions,
+    truths,
+    timestamps,
+    *,
+    confidence=None,
+    max_timeseries: int = DEFAULT_MAX_TIMESERIES,
+    title: str = 'Evaluation',
+) -> dict:
     """Write report.json, report.md, va_plane.png and timeseries plots into ``out_dir``.
 
     ``predictions``/``truths``/``timestamps`` are dicts session id -> array ((T, 2), (T, 2), (T,)),
@@ -146,15 +174,22 @@ def write_report(report: dict, out_dir, predictions, truths, timestamps, *, conf
     files = {}
     if preds:
         all_pred = np.concatenate([preds[s].reshape(-1, 2) for s in preds])
-        all_true = np.concatenate([trues[s].reshape(-1, 2) if s in trues else np.full_like(preds[s], np.nan)
-                                   for s in preds])
+        all_true = np.concatenate(
+            [trues[s].reshape(-1, 2) if s in trues else np.full_like(preds[s], np.nan) for s in preds]
+        )
         files['va_plane'] = plot_va_plane(all_pred, all_true, out_dir / 'va_plane.png', title=title)
         plotted = []
         for sid in sorted(preds)[:max_timeseries]:
             safe = ''.join(c if c.isalnum() or c in '._-' else '_' for c in sid)
             times = stamps.get(sid, np.arange(preds[sid].shape[0], dtype=np.float64))
-            path = plot_timeseries(times, preds[sid], trues.get(sid), out_dir / f'timeseries_{safe}.png',
-                                   title=sid, confidence=confs.get(sid))
+            path = plot_timeseries(
+                times,
+                preds[sid],
+                trues.get(sid),
+                out_dir / f'timeseries_{safe}.png',
+                title=sid,
+                confidence=confs.get(sid),
+            )
             files[f'timeseries_{safe}'] = path
             plotted.append(path.name)
         report = {**report, 'plots': ['va_plane.png', *plotted]}
@@ -178,27 +213,40 @@ def metrics_table(metrics: dict) -> str:
     lines = ['| dimension | CCC | RMSE | Pearson r | labelled frames |', '|---|---|---|---|---|']
     for name in DIMENSIONS:
         m = metrics[name]
-        lines.append(f"| {name} | {_fmt(m['ccc'])} | {_fmt(m['rmse'])} | {_fmt(m['pearson'])} | {m['n']} |")
+        lines.append(f'| {name} | {_fmt(m["ccc"])} | {_fmt(m["rmse"])} | {_fmt(m["pearson"])} | {m["n"]} |')
     m = metrics['mean']
-    lines.append(f"| **mean** | **{_fmt(m['ccc'])}** | {_fmt(m['rmse'])} | {_fmt(m['pearson'])} | |")
+    lines.append(f'| **mean** | **{_fmt(m["ccc"])}** | {_fmt(m["rmse"])} | {_fmt(m["pearson"])} | |')
     return '\n'.join(lines)
 
 
 def report_markdown(report: dict, title: str = 'Evaluation') -> str:
     lines = [f'# {title}', '']
-    for key, label in (('checkpoint', 'Checkpoint'), ('model_kind', 'Model'), ('store', 'Feature store'),
-                       ('split', 'Split'), ('split_origin', 'Split from'), ('sessions', 'Sessions'),
-                       ('frames', 'Frames'), ('labelled_frames', 'Labelled frames')):
+    for key, label in (
+        ('checkpoint', 'Checkpoint'),
+        ('model_kind', 'Model'),
+        ('store', 'Feature store'),
+        ('split', 'Split'),
+        ('split_origin', 'Split from'),
+        ('sessions', 'Sessions'),
+        ('frames', 'Frames'),
+        ('labelled_frames', 'Labelled frames'),
+    ):
         if key in report:
             lines.append(f'- {label}: {report[key]}')
     if 'coverage' in report:
-        lines.append(f"- Coverage (frames with an output): {_fmt(report['coverage'] * 100, 1)} %")
+        lines.append(f'- Coverage (frames with an output): {_fmt(report["coverage"] * 100, 1)} %')
     if 'confidence_mean' in report:
-        lines.append(f"- Mean confidence: {_fmt(report['confidence_mean'])}")
+        lines.append(f'- Mean confidence: {_fmt(report["confidence_mean"])}')
     if 'modality_presence' in report:
         presence = ', '.join(f'{m} {_fmt(v * 100, 1)} %' for m, v in report['modality_presence'].items())
         lines.append(f'- Modality presence: {presence}')
-    lines += ['', '## Metrics (all labelled frames of all sessions)', '', metrics_table(report['metrics']), '']
+    lines += [
+        '',
+        '## Metrics (all labelled frames of all sessions)',
+        '',
+        metrics_table(report['metrics']),
+        '',
+    ]
     extra = {k: v for k, v in report.items() if k == 'latency_ms'}
     if extra:
         lat = extra['latency_ms']

@@ -18,8 +18,9 @@ So the features a model is trained on are the features the fusion node sees live
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -62,10 +63,10 @@ class ExtractionConfig:
 class ExtractionResult:
     """Per-frame aligned arrays of one session, ready for FeatureStore.write_session."""
 
-    timestamps: np.ndarray   # (T,) float64
-    features: dict           # modality -> (T, dim) float32, the encoders' modalities only
-    mask: np.ndarray         # (T, M) bool, columns in the encoders' modality order
-    info: dict               # counts: frames, audio windows, valid embeddings per modality, resets
+    timestamps: np.ndarray  # (T,) float64
+    features: dict  # modality -> (T, dim) float32, the encoders' modalities only
+    mask: np.ndarray  # (T, M) bool, columns in the encoders' modality order
+    info: dict  # counts: frames, audio windows, valid embeddings per modality, resets
 
 
 def encoder_spec(encoders: dict) -> list:
@@ -76,8 +77,9 @@ def encoder_spec(encoders: dict) -> list:
         if encoder is None:
             continue
         if encoder.modality != modality:
-            raise ValueError(f"encoder '{encoder.plugin_id}' encodes {encoder.modality}, "
-                             f'but was given for {modality}')
+            raise ValueError(
+                f"encoder '{encoder.plugin_id}' encodes {encoder.modality}, but was given for {modality}"
+            )
         spec.append({'modality': modality, 'encoder': encoder.plugin_id, 'dim': int(encoder.dim)})
     if not spec:
         raise ValueError('no encoder given: at least one modality is needed')
@@ -107,8 +109,9 @@ class SessionExtractor:
         """modality -> '<plugin id>@<weights identity>' (says when an encoder ran untrained)."""
         return {m: e.identity for m, e in self.encoders.items()}
 
-    def extract(self, frames: Iterable, audio: Optional[tuple] = None,
-                texts: Iterable = ()) -> ExtractionResult:
+    def extract(
+        self, frames: Iterable, audio: Optional[tuple] = None, texts: Iterable = ()
+    ) -> ExtractionResult:
         """``frames``: iterable of (stamp_s, RGB uint8 frame); ``audio``: (float32 mono, sample_rate)
         whose first sample is at stamp 0 of the frames' clock; ``texts``: (stamp_s, utterance) pairs.
         """
@@ -168,10 +171,11 @@ class SessionExtractor:
         chunk = max(1, int(AUDIO_CHUNK_S * sample_rate))
         windows: list = []
         for start in range(0, waveform.size, chunk):
-            windows += windower.push(waveform[start:start + chunk], int(sample_rate),
-                                     0.0 if start == 0 else None)
+            windows += windower.push(
+                waveform[start : start + chunk], int(sample_rate), 0.0 if start == 0 else None
+            )
         for start in range(0, len(windows), self.config.audio_batch):
-            batch = windows[start:start + self.config.audio_batch]
+            batch = windows[start : start + self.config.audio_batch]
             for item in embed_windows(encoder, batch, self.config.silence_threshold_dbfs):
                 events.append((AUDIO, item.end_stamp_s, item.vector))
         return len(windows)

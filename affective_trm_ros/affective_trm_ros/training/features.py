@@ -50,9 +50,11 @@ def normalize_encoder_spec(spec) -> list:
         if missing:
             raise ValueError(f'encoder spec entry {entry!r} lacks {missing}')
         if entry['modality'] not in FEATURE_ORDER:
-            raise ValueError(f"unknown modality '{entry['modality']}' in encoder spec; known: {FEATURE_ORDER}")
+            raise ValueError(
+                f"unknown modality '{entry['modality']}' in encoder spec; known: {FEATURE_ORDER}"
+            )
         if int(entry['dim']) <= 0:
-            raise ValueError(f"encoder spec dim must be positive, got {entry['dim']} for {entry['modality']}")
+            raise ValueError(f'encoder spec dim must be positive, got {entry["dim"]} for {entry["modality"]}')
         entries.append({**entry, 'dim': int(entry['dim'])})
     modalities = [entry['modality'] for entry in entries]
     expected = [name for name in FEATURE_ORDER if name in modalities]
@@ -79,14 +81,18 @@ def validate_session(session_id: str, dims: dict, timestamps, features: dict, ma
     for name, dim in dims.items():
         block = np.asarray(features[name], dtype=np.float32)
         if block.shape != (frames, dim):
-            raise ValueError(f'{session_id}: {name} features have shape {block.shape}, expected {(frames, dim)}')
+            raise ValueError(
+                f'{session_id}: {name} features have shape {block.shape}, expected {(frames, dim)}'
+            )
         if not np.all(np.isfinite(block)):
             raise ValueError(f'{session_id}: {name} features contain NaN or inf')
         arrays[name] = block
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (frames, len(dims)):
-        raise ValueError(f'{session_id}: mask has shape {mask.shape}, expected {(frames, len(dims))} '
-                         f'(columns {list(dims)})')
+        raise ValueError(
+            f'{session_id}: mask has shape {mask.shape}, expected {(frames, len(dims))} '
+            f'(columns {list(dims)})'
+        )
     labels = np.asarray(labels, dtype=np.float32)
     if labels.shape != (frames, 2):
         raise ValueError(f'{session_id}: labels have shape {labels.shape}, expected {(frames, 2)}')
@@ -102,10 +108,10 @@ class Session:
 
     id: str
     speaker: str
-    timestamps: np.ndarray            # (T,) float64 seconds
-    features: dict                    # modality -> (T, dim) float32, in encoder-spec order
-    mask: np.ndarray                  # (T, M) bool: modality present at the frame
-    labels: np.ndarray                # (T, 2) float32 valence/arousal, NaN = unlabelled
+    timestamps: np.ndarray  # (T,) float64 seconds
+    features: dict  # modality -> (T, dim) float32, in encoder-spec order
+    mask: np.ndarray  # (T, M) bool: modality present at the frame
+    labels: np.ndarray  # (T, 2) float32 valence/arousal, NaN = unlabelled
     meta: dict = field(default_factory=dict)
 
     @property
@@ -117,8 +123,9 @@ class Session:
 
     def inputs(self) -> np.ndarray:
         """The model input: modality blocks concatenated in FEATURE_ORDER, shape (T, D) float32."""
-        return np.concatenate([self.features[name] for name in FEATURE_ORDER if name in self.features],
-                              axis=1).astype(np.float32, copy=False)
+        return np.concatenate(
+            [self.features[name] for name in FEATURE_ORDER if name in self.features], axis=1
+        ).astype(np.float32, copy=False)
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -166,27 +173,39 @@ class FeatureStore(_SpecView):
         if index_path.exists():
             self._index = json.loads(index_path.read_text())
             if self._index.get('format') != STORE_FORMAT:
-                raise ValueError(f'{index_path} is not a feature store index (format '
-                                 f"{self._index.get('format')!r}, expected {STORE_FORMAT!r})")
+                raise ValueError(
+                    f'{index_path} is not a feature store index (format '
+                    f'{self._index.get("format")!r}, expected {STORE_FORMAT!r})'
+                )
             if self._index.get('version') != STORE_VERSION:
-                raise ValueError(f"{index_path}: feature store version {self._index.get('version')} "
-                                 f'is not supported (this code reads version {STORE_VERSION})')
+                raise ValueError(
+                    f'{index_path}: feature store version {self._index.get("version")} '
+                    f'is not supported (this code reads version {STORE_VERSION})'
+                )
             if encoder_spec is not None:
                 wanted = normalize_encoder_spec(encoder_spec)
                 stored = self._index['encoder_spec']
                 if _spec_core(wanted) != _spec_core(stored):
-                    raise ValueError(f'feature store {self.root} was prepared with encoders '
-                                     f'{_describe_spec(stored)}, but {_describe_spec(wanted)} were '
-                                     f'requested; use another store directory')
+                    raise ValueError(
+                        f'feature store {self.root} was prepared with encoders '
+                        f'{_describe_spec(stored)}, but {_describe_spec(wanted)} were '
+                        f'requested; use another store directory'
+                    )
         elif encoder_spec is not None:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._index = {'format': STORE_FORMAT, 'version': STORE_VERSION,
-                           'feature_order': list(FEATURE_ORDER),
-                           'encoder_spec': normalize_encoder_spec(encoder_spec), 'sessions': {}}
+            self._index = {
+                'format': STORE_FORMAT,
+                'version': STORE_VERSION,
+                'feature_order': list(FEATURE_ORDER),
+                'encoder_spec': normalize_encoder_spec(encoder_spec),
+                'sessions': {},
+            }
             self._write_index()
         else:
-            raise FileNotFoundError(f'no feature store at {self.root} ({INDEX_NAME} missing); '
-                                    f"create one with 'affective-trm prepare'")
+            raise FileNotFoundError(
+                f'no feature store at {self.root} ({INDEX_NAME} missing); '
+                f"create one with 'affective-trm prepare'"
+            )
         (self.root / SESSIONS_DIR).mkdir(parents=True, exist_ok=True)
         self._spec = self._index['encoder_spec']
 
@@ -212,23 +231,42 @@ class FeatureStore(_SpecView):
         return self.has(session_id)
 
     # ---- writing ------------------------------------------------------------------------------
-    def write_session(self, session_id: str, *, speaker, timestamps, features: dict, mask, labels,
-                      meta: Optional[dict] = None) -> None:
+    def write_session(
+        self,
+        session_id: str,
+        *,
+        speaker,
+        timestamps,
+        features: dict,
+        mask,
+        labels,
+        meta: Optional[dict] = None,
+    ) -> None:
         """Validate and store one session (replacing a previous one of the same id)."""
-        timestamps, arrays, mask, labels = validate_session(session_id, self.dims, timestamps, features,
-                                                            mask, labels)
+        timestamps, arrays, mask, labels = validate_session(
+            session_id, self.dims, timestamps, features, mask, labels
+        )
         meta = dict(meta or {})
         file_name = f'{SESSIONS_DIR}/{session_id}.npz'
         path = self.root / file_name
         blocks = {f'feat_{name}': block for name, block in arrays.items()}
 
         def write(handle):
-            np.savez(handle, timestamps=timestamps, mask=mask, labels=labels,
-                     speaker=np.array(str(speaker)), meta=np.array(json.dumps(meta)), **blocks)
+            np.savez(
+                handle,
+                timestamps=timestamps,
+                mask=mask,
+                labels=labels,
+                speaker=np.array(str(speaker)),
+                meta=np.array(json.dumps(meta)),
+                **blocks,
+            )
 
         _atomic_write_bytes(path, write)
         self._index['sessions'][session_id] = {
-            'file': file_name, 'speaker': str(speaker), 'frames': int(timestamps.shape[0]),
+            'file': file_name,
+            'speaker': str(speaker),
+            'frames': int(timestamps.shape[0]),
             'labelled_frames': int(np.sum(np.all(np.isfinite(labels), axis=1))),
         }
         self._write_index()
@@ -253,9 +291,15 @@ class FeatureStore(_SpecView):
         entry = self._index['sessions'][session_id]
         with np.load(self.root / entry['file'], allow_pickle=False) as data:
             features = {name: data[f'feat_{name}'] for name in self.dims}
-            return Session(id=session_id, speaker=str(data['speaker']),
-                           timestamps=data['timestamps'], features=features, mask=data['mask'],
-                           labels=data['labels'], meta=json.loads(str(data['meta'])))
+            return Session(
+                id=session_id,
+                speaker=str(data['speaker']),
+                timestamps=data['timestamps'],
+                features=features,
+                mask=data['mask'],
+                labels=data['labels'],
+                meta=json.loads(str(data['meta'])),
+            )
 
     def load_many(self, session_ids) -> list:
         return [self.load(sid) for sid in session_ids]
@@ -266,7 +310,7 @@ def _spec_core(spec) -> list:
 
 
 def _describe_spec(spec) -> str:
-    return ', '.join(f"{entry['modality']}={entry['encoder']}({entry['dim']})" for entry in spec)
+    return ', '.join(f'{entry["modality"]}={entry["encoder"]}({entry["dim"]})' for entry in spec)
 
 
 class InMemoryStore(_SpecView):
@@ -281,12 +325,23 @@ class InMemoryStore(_SpecView):
         self.root = root
         self.info: dict = {}
 
-    def write_session(self, session_id: str, *, speaker, timestamps, features: dict, mask, labels,
-                      meta: Optional[dict] = None) -> None:
-        timestamps, arrays, mask, labels = validate_session(session_id, self.dims, timestamps, features,
-                                                            mask, labels)
-        self._sessions[session_id] = Session(session_id, str(speaker), timestamps, arrays, mask, labels,
-                                             dict(meta or {}))
+    def write_session(
+        self,
+        session_id: str,
+        *,
+        speaker,
+        timestamps,
+        features: dict,
+        mask,
+        labels,
+        meta: Optional[dict] = None,
+    ) -> None:
+        timestamps, arrays, mask, labels = validate_session(
+            session_id, self.dims, timestamps, features, mask, labels
+        )
+        self._sessions[session_id] = Session(
+            session_id, str(speaker), timestamps, arrays, mask, labels, dict(meta or {})
+        )
 
     def session_ids(self) -> list:
         return sorted(self._sessions)

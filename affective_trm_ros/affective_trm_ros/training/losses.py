@@ -20,10 +20,10 @@ CCC_EPS = 1e-8
 class LossParts:
     """The loss and the numbers it was made of (detached floats are for logging)."""
 
-    loss: torch.Tensor        # scalar, differentiable
-    ccc: torch.Tensor         # (2,) CCC per dimension (detached)
-    mse: torch.Tensor         # (2,) MSE per dimension (detached)
-    frames: int               # supervised frames in the batch (both dimensions together, max)
+    loss: torch.Tensor  # scalar, differentiable
+    ccc: torch.Tensor  # (2,) CCC per dimension (detached)
+    mse: torch.Tensor  # (2,) MSE per dimension (detached)
+    frames: int  # supervised frames in the batch (both dimensions together, max)
 
 
 def masked_ccc(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -34,9 +34,9 @@ def masked_ccc(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> to
     """
     mask = mask.expand_as(true)
     weight = mask.to(pred.dtype)
-    count = weight.sum(dim=tuple(range(weight.dim() - 1)))                    # (K,)
+    count = weight.sum(dim=tuple(range(weight.dim() - 1)))  # (K,)
     safe_count = count.clamp(min=1.0)
-    true = torch.where(mask, true, torch.zeros_like(true))                      # NaN labels -> 0, masked out
+    true = torch.where(mask, true, torch.zeros_like(true))  # NaN labels -> 0, masked out
     reduce_dims = tuple(range(pred.dim() - 1))
     mean_p = (pred * weight).sum(dim=reduce_dims) / safe_count
     mean_t = (true * weight).sum(dim=reduce_dims) / safe_count
@@ -64,10 +64,13 @@ class CCCMSELoss(torch.nn.Module):
         self.ccc_weight = float(ccc_weight)
         self.mse_weight = float(mse_weight)
 
-    def forward(self, pred: torch.Tensor, labels: torch.Tensor,
-                frame_mask: torch.Tensor | None = None) -> LossParts:
+    def forward(
+        self, pred: torch.Tensor, labels: torch.Tensor, frame_mask: torch.Tensor | None = None
+    ) -> LossParts:
         if pred.shape != labels.shape:
-            raise ValueError(f'prediction {tuple(pred.shape)} and labels {tuple(labels.shape)} differ in shape')
+            raise ValueError(
+                f'prediction {tuple(pred.shape)} and labels {tuple(labels.shape)} differ in shape'
+            )
         pred = pred.float()
         labels = labels.float()
         supervised = torch.isfinite(labels)
@@ -83,5 +86,5 @@ class CCCMSELoss(torch.nn.Module):
         if not bool(has.any()):
             zero = pred.sum() * 0.0  # keeps the graph; nothing to learn from this window
             return LossParts(zero, ccc_k.detach(), mse_k.detach(), 0)
-        loss = (self.ccc_weight * (1.0 - ccc_k[has]).mean() + self.mse_weight * mse_k[has].mean())
+        loss = self.ccc_weight * (1.0 - ccc_k[has]).mean() + self.mse_weight * mse_k[has].mean()
         return LossParts(loss, ccc_k.detach(), mse_k.detach(), int(count.max().item()))

@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class VideoFrames:
 
     path: Path
     fps: float
-    frame_count: int   # as reported by the container (may be approximate)
+    frame_count: int  # as reported by the container (may be approximate)
 
     def __iter__(self) -> Iterator[tuple]:
         import cv2
@@ -106,8 +106,10 @@ def load_container_audio(path) -> tuple[np.ndarray, int]:
     try:
         import av
     except ImportError as error:
-        raise MediaError(f'decoding the audio track of {path} needs PyAV (pip install av); or extract '
-                         f'it to a WAV file (ffmpeg -i {path.name} -ac 1 audio.wav) and pass that') from error
+        raise MediaError(
+            f'decoding the audio track of {path} needs PyAV (pip install av); or extract '
+            f'it to a WAV file (ffmpeg -i {path.name} -ac 1 audio.wav) and pass that'
+        ) from error
     try:
         container = av.open(str(path))
     except Exception as error:  # PyAV raises several FFmpeg error types

@@ -5,8 +5,9 @@ Matplotlib runs on the non-interactive Agg backend, so plots work on headless ma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -36,11 +37,15 @@ def plot_curves(history: Sequence[dict], path) -> Path:
     ax_loss.set_ylabel('(1 - CCC) + w * MSE')
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    for key, label in (('val_ccc_valence', 'valence'), ('val_ccc_arousal', 'arousal'),
-                       ('val_ccc_mean', 'mean')):
+    for key, label in (
+        ('val_ccc_valence', 'valence'),
+        ('val_ccc_arousal', 'arousal'),
+        ('val_ccc_mean', 'mean'),
+    ):
         ax_ccc.plot(epochs, [row.get(key, np.nan) for row in history], label=f'validation CCC {label}')
-    ax_ccc.plot(epochs, [row.get('train_ccc_mean', np.nan) for row in history], '--',
-                label='train CCC mean (batches)')
+    ax_ccc.plot(
+        epochs, [row.get('train_ccc_mean', np.nan) for row in history], '--', label='train CCC mean (batches)'
+    )
     ax_ccc.set_xlabel('epoch')
     ax_ccc.set_ylabel('CCC')
     ax_ccc.legend()
@@ -49,8 +54,9 @@ def plot_curves(history: Sequence[dict], path) -> Path:
     return _save(fig, path)
 
 
-def plot_va_plane(predictions: np.ndarray, truths: np.ndarray, path, title: str = 'valence-arousal plane',
-                  seed: int = 0) -> Path:
+def plot_va_plane(
+    predictions: np.ndarray, truths: np.ndarray, path, title: str = 'valence-arousal plane', seed: int = 0
+) -> Path:
     """Predicted and true points on the valence-arousal plane (labelled frames only)."""
     plt = _pyplot()
     predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, 2)
@@ -76,8 +82,14 @@ def plot_va_plane(predictions: np.ndarray, truths: np.ndarray, path, title: str 
     return _save(fig, path)
 
 
-def plot_timeseries(timestamps: np.ndarray, predictions: np.ndarray, truths: Optional[np.ndarray], path,
-                    title: str = '', confidence: Optional[np.ndarray] = None) -> Path:
+def plot_timeseries(
+    timestamps: np.ndarray,
+    predictions: np.ndarray,
+    truths: Optional[np.ndarray],
+    path,
+    title: str = '',
+    confidence: Optional[np.ndarray] = None,
+) -> Path:
     """Valence and arousal over time, prediction against ground truth (and confidence when given)."""
     plt = _pyplot()
     timestamps = np.asarray(timestamps, dtype=np.float64)
@@ -85,12 +97,24 @@ def plot_timeseries(timestamps: np.ndarray, predictions: np.ndarray, truths: Opt
     fig, axes = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
     for column, (ax, name) in enumerate(zip(axes, ('valence', 'arousal'))):
         if truths is not None:
-            ax.plot(timestamps, np.asarray(truths, dtype=np.float64)[:, column], color='tab:green',
-                    lw=1.5, label='true')
+            ax.plot(
+                timestamps,
+                np.asarray(truths, dtype=np.float64)[:, column],
+                color='tab:green',
+                lw=1.5,
+                label='true',
+            )
         ax.plot(timestamps, predictions[:, column], color='tab:blue', lw=1.0, label='predicted')
         if confidence is not None:
-            ax.fill_between(timestamps, -1.05, -1.05 + 0.3 * np.asarray(confidence, dtype=np.float64),
-                            color='tab:orange', alpha=0.3, lw=0, label='confidence (scaled)')
+            ax.fill_between(
+                timestamps,
+                -1.05,
+                -1.05 + 0.3 * np.asarray(confidence, dtype=np.float64),
+                color='tab:orange',
+                alpha=0.3,
+                lw=0,
+                label='confidence (scaled)',
+            )
         ax.set_ylim(-1.05, 1.05)
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

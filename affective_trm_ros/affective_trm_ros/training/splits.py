@@ -14,8 +14,9 @@ DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 DEFAULT_SPLIT_SEED = 0
 
 
-def make_splits(speakers: dict, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SPLIT_SEED,
-                by: str = 'speaker') -> dict:
+def make_splits(
+    speakers: dict, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SPLIT_SEED, by: str = 'speaker'
+) -> dict:
     """Split sessions into train/val/test.
 
     ``speakers``: session id -> speaker id. ``fractions``: (train, val, test), summing to 1.
@@ -51,8 +52,10 @@ def make_splits(speakers: dict, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT
         index = max(wanted, key=lambda i: (targets[i] - counts[i]) / max(targets[i], 1e-9))
         assigned[index].append(key)
         counts[index] += len(groups[key])
-    return {name: sorted(sid for key in assigned[index] for sid in groups[key])
-            for index, name in enumerate(SPLIT_NAMES)}
+    return {
+        name: sorted(sid for key in assigned[index] for sid in groups[key])
+        for index, name in enumerate(SPLIT_NAMES)
+    }
 
 
 def split_speakers(splits: dict, speakers: dict) -> dict:

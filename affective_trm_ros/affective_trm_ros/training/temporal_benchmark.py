@@ -57,33 +57,56 @@ TEXT_NOISE = 1.0
 # The audio block carries d(va)/dt times this (seconds), so its scale matches the other blocks.
 DERIVATIVE_SCALE_S = 2.0
 # Model sizes used by the benchmark (same hidden width for the three neural sequence models).
+# Model sizes of the benchmark: about 30k parameters each, small enough for a CPU run of minutes.
+# The TRMs use one block of width 32 and one (latent, answer) update per frame.
 DEFAULT_MODEL_CONFIGS = {
-    'trm': {'hidden_size': 64, 'num_heads': 4, 'num_layers': 2, 'expansion': 2.0,
-            'h_cycles': 2, 'l_cycles': 1, 'grad_cycles': 2},
+    'trm': {
+        'hidden_size': 32,
+        'num_heads': 2,
+        'num_layers': 1,
+        'expansion': 2.0,
+        'h_cycles': 1,
+        'l_cycles': 1,
+        'grad_cycles': 1,
+    },
     'gru': {'hidden_size': 64, 'dropout': 0.0},
     'mlp': {'hidden_size': 128, 'num_layers': 2, 'dropout': 0.0},
-    'seed_trm': {'hidden_size': 64, 'num_heads': 4, 'num_layers': 2, 'expansion': 2.0,
-                 'h_cycles': 2, 'l_cycles': 1, 'grad_cycles': 2},
+    'seed_trm': {
+        'hidden_size': 32,
+        'num_heads': 2,
+        'num_layers': 1,
+        'expansion': 2.0,
+        'h_cycles': 2,
+        'l_cycles': 1,
+        'grad_cycles': 2,
+    },
 }
 MODEL_ORDER = ('trm', 'gru', 'mlp', 'seed_trm')
-MODEL_LABELS = {'trm': 'stateful TRM', 'gru': 'GRU', 'mlp': 'memoryless MLP', 'seed_trm': 'seed-compatible TRM'}
+MODEL_LABELS = {
+    'trm': 'stateful TRM',
+    'gru': 'GRU',
+    'mlp': 'memoryless MLP',
+    'seed_trm': 'seed-compatible TRM',
+}
 
 
 @dataclass
 class TemporalBenchmarkConfig:
     seed: int = 0
-    small: bool = False                  # small feature dims instead of the real encoders' dims
-    train_streams: int = 64
+    small: bool = False  # small feature dims instead of the real encoders' dims
+    train_streams: int = 96
     val_streams: int = 16
     test_streams: int = 32
     frames: int = 240
     fps: float = 10.0
-    epochs: int = 12
-    batch_size: int = 32
+    epochs: int = 15
+    batch_size: int = 16
     window: int = 40
-    lr: float = 3e-3
+    lr: float = 2e-3
     models: tuple = MODEL_ORDER
-    model_configs: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MODEL_CONFIGS.items()})
+    model_configs: dict = field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MODEL_CONFIGS.items()}
+    )
     device: str = 'cpu'
     out_dir: str = 'runs/temporal_benchmark'
     progress: bool = False
@@ -104,7 +127,7 @@ def _alternating(rng, frames: int, fps: float, on_mean: float, off_mean: float) 
     index = 0
     while index < frames:
         length = max(1, int(round(rng.exponential(on_mean if state else off_mean) * fps)))
-        present[index:index + length] = state
+        present[index : index + length] = state
         index += length
         state = not state
     return present
@@ -112,8 +135,10 @@ def _alternating(rng, frames: int, fps: float, on_mean: float, off_mean: float) 
 
 def _projections(rng, dims: dict) -> dict:
     """Fixed random 'encoders': 2 latent values -> features (unit variance per feature)."""
-    return {name: rng.normal(0.0, 1.0, size=(2 if name != 'text' else 1, dim)).astype(np.float32)
-            for name, dim in dims.items()}
+    return {
+        name: rng.normal(0.0, 1.0, size=(2 if name != 'text' else 1, dim)).astype(np.float32)
+        for name, dim in dims.items()
+    }
 
 
 def generate_stream(rng, projections: dict, frames: int, fps: float) -> tuple:
@@ -123,8 +148,9 @@ def generate_stream(rng, projections: dict, frames: int, fps: float) -> tuple:
     for column in range(2):
         for _ in range(NUM_SINUSOIDS):
             period = rng.uniform(*PERIOD_RANGE_S)
-            latent[:, column] += rng.uniform(*AMPLITUDE_RANGE) * np.sin(2 * np.pi * times / period
-                                                                         + rng.uniform(0, 2 * np.pi))
+            latent[:, column] += rng.uniform(*AMPLITUDE_RANGE) * np.sin(
+                2 * np.pi * times / period + rng.uniform(0, 2 * np.pi)
+            )
     labels = LATENT_BOUND * np.tanh(latent)
     derivative = np.gradient(labels, 1.0 / fps, axis=0) * DERIVATIVE_SCALE_S
 
@@ -147,9 +173,11 @@ def generate_stream(rng, projections: dict, frames: int, fps: float) -> tuple:
         block = signal @ projections[name] + rng.normal(0.0, noise, size=(frames, projections[name].shape[1]))
         return np.where(present[:, None], block, 0.0).astype(np.float32)
 
-    features = {'audio': observe('audio', derivative, AUDIO_NOISE, audio_on),
-                'video': observe('video', labels, VIDEO_NOISE, video_on),
-                'text': observe('text', text_value, TEXT_NOISE, text_on)}
+    features = {
+        'audio': observe('audio', derivative, AUDIO_NOISE, audio_on),
+        'video': observe('video', labels, VIDEO_NOISE, video_on),
+        'text': observe('text', text_value, TEXT_NOISE, text_on),
+    }
     mask = np.stack([audio_on, video_on, text_on], axis=1)
     return times, features, mask, labels.astype(np.float32)
 
@@ -167,8 +195,9 @@ def build_store(config: TemporalBenchmarkConfig) -> tuple:
         for index in range(count):
             session_id = f'{split}_{index:03d}'
             times, features, mask, labels = generate_stream(rng, projections, config.frames, config.fps)
-            store.write_session(session_id, speaker=session_id, timestamps=times, features=features,
-                                mask=mask, labels=labels)
+            store.write_session(
+                session_id, speaker=session_id, timestamps=times, features=features, mask=mask, labels=labels
+            )
             splits[split].append(session_id)
     return store, splits
 
@@ -202,11 +231,23 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
     for kind in config.models:
         model_started = time.perf_counter()
         train_config = TrainConfig(
-            model=kind, model_config=dict(config.model_configs.get(kind, {})),
-            out_dir=str(out_dir / kind), epochs=config.epochs, batch_size=config.batch_size,
-            window=config.window, lr=config.lr, warmup_fraction=0.05, ema_decay=0.99,
-            patience=config.epochs, modality_dropout=0.1, seed=config.seed, device=config.device,
-            splits=splits, plots=False, progress=config.progress)
+            model=kind,
+            model_config=dict(config.model_configs.get(kind, {})),
+            out_dir=str(out_dir / kind),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            window=config.window,
+            lr=config.lr,
+            warmup_fraction=0.05,
+            ema_decay=0.99,
+            patience=config.epochs,
+            modality_dropout=0.1,
+            seed=config.seed,
+            device=config.device,
+            splits=splits,
+            plots=False,
+            progress=config.progress,
+        )
         result = train(store, train_config)
         from ..core.checkpoint import load_checkpoint
 
@@ -224,8 +265,11 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
             'train_seconds': time.perf_counter() - model_started,
         }
         if config.progress:
-            print(f"{kind}: test mean CCC {report['mean']['ccc']:.3f} "
-                  f"({time.perf_counter() - model_started:.0f} s)", flush=True)
+            print(
+                f'{kind}: test mean CCC {report["mean"]["ccc"]:.3f} '
+                f'({time.perf_counter() - model_started:.0f} s)',
+                flush=True,
+            )
     results['seconds'] = time.perf_counter() - started
     (out_dir / 'results.json').write_text(json.dumps(_jsonable(results), indent=2))
     (out_dir / 'results.md').write_text(results_markdown(results))
@@ -234,11 +278,15 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
 
 def results_markdown(results: dict) -> str:
     """The benchmark's table: CCC (valence, arousal, mean) and RMSE per model on held-out streams."""
-    lines = ['| model | CCC valence | CCC arousal | CCC mean | RMSE mean | Pearson r mean | parameters |',
-             '|---|---|---|---|---|---|---|']
+    lines = [
+        '| model | CCC valence | CCC arousal | CCC mean | RMSE mean | Pearson r mean | parameters |',
+        '|---|---|---|---|---|---|---|',
+    ]
     for kind, entry in results['models'].items():
         test = entry['test']
-        lines.append(f"| {entry['label']} (`{kind}`) | {test['valence']['ccc']:.3f} | {test['arousal']['ccc']:.3f} "
-                     f"| **{test['mean']['ccc']:.3f}** | {test['mean']['rmse']:.3f} | {test['mean']['pearson']:.3f} "
-                     f"| {entry['parameters']:,} |")
+        lines.append(
+            f'| {entry["label"]} (`{kind}`) | {test["valence"]["ccc"]:.3f} | {test["arousal"]["ccc"]:.3f} '
+            f'| **{test["mean"]["ccc"]:.3f}** | {test["mean"]["rmse"]:.3f} | {test["mean"]["pearson"]:.3f} '
+            f'| {entry["parameters"]:,} |'
+        )
     return '\n'.join(lines) + '\n'

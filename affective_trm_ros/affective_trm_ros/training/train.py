@@ -49,31 +49,31 @@ EVAL_CHUNK_FRAMES = 512
 class TrainConfig:
     """Everything that defines a training run (stored in the checkpoint metadata)."""
 
-    model: str = 'trm'                 # 'trm' | 'seed_trm' | 'mlp' | 'gru'
-    model_config: dict = field(default_factory=dict)   # overrides of the model's config fields
+    model: str = 'trm'  # 'trm' | 'seed_trm' | 'mlp' | 'gru'
+    model_config: dict = field(default_factory=dict)  # overrides of the model's config fields
     out_dir: str = 'runs/train'
     epochs: int = 40
-    batch_size: int = 16               # sessions per batch
-    window: int = 64                   # frames per truncated-BPTT window
+    batch_size: int = 16  # sessions per batch
+    window: int = 64  # frames per truncated-BPTT window
     crop_frames: Optional[int] = None  # train on a random crop of at most this many frames per session
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_fraction: float = 0.05      # of all optimiser steps
-    min_lr_ratio: float = 0.05         # cosine decays to lr * this
+    warmup_fraction: float = 0.05  # of all optimiser steps
+    min_lr_ratio: float = 0.05  # cosine decays to lr * this
     grad_clip: float = 1.0
-    ema_decay: float = 0.995           # 0 disables the moving average
-    patience: int = 8                  # epochs without validation improvement before stopping
+    ema_decay: float = 0.995  # 0 disables the moving average
+    patience: int = 8  # epochs without validation improvement before stopping
     min_epochs: int = 1
     ccc_weight: float = 1.0
     mse_weight: float = 0.25
-    modality_dropout: float = 0.15     # per window, stream and modality
+    modality_dropout: float = 0.15  # per window, stream and modality
     seed: int = 0
     device: str = 'auto'
-    bf16: bool = True                  # autocast to bfloat16 on CUDA (ignored on CPU)
+    bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     split_by: str = 'speaker'
     split_fractions: tuple = DEFAULT_FRACTIONS
     split_seed: int = DEFAULT_SPLIT_SEED
-    splits: Optional[dict] = None      # explicit {'train': [...], 'val': [...], 'test': [...]}
+    splits: Optional[dict] = None  # explicit {'train': [...], 'val': [...], 'test': [...]}
     eval_batch_size: int = 64
     plots: bool = True
     progress: bool = True
@@ -149,7 +149,7 @@ def build_model(kind: str, modality_dims: dict, overrides: Optional[dict] = None
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
@@ -194,8 +194,15 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_sessions(model, source: SessionSource, session_ids, device, batch_size: int = 64,
-                     bf16: bool = False, chunk: int = EVAL_CHUNK_FRAMES) -> dict:
+def predict_sessions(
+    model,
+    source: SessionSource,
+    session_ids,
+    device,
+    batch_size: int = 64,
+    bf16: bool = False,
+    chunk: int = EVAL_CHUNK_FRAMES,
+) -> dict:
     """Run the model over whole sessions (state carried over every frame, from the initial state).
 
     Returns session id -> (predictions (T, 2) float32, confidence (T,) float32).
@@ -208,8 +215,9 @@ def predict_sessions(model, source: SessionSource, session_ids, device, batch_si
         preds, confs = [], []
         for start in range(0, batch.x.shape[1], chunk):
             with _autocast(device, bf16):
-                va, confidence, state = model.forward_sequence(batch.x[:, start:start + chunk],
-                                                               batch.mask[:, start:start + chunk], state)
+                va, confidence, state = model.forward_sequence(
+                    batch.x[:, start : start + chunk], batch.mask[:, start : start + chunk], state
+                )
             preds.append(va.float())
             confs.append(confidence.float())
         va = torch.cat(preds, 1).cpu().numpy()
@@ -262,8 +270,9 @@ def resolve_splits(store, config: TrainConfig) -> dict:
         splits = {name: list(config.splits.get(name, [])) for name in ('train', 'val', 'test')}
         missing = [sid for ids in splits.values() for sid in ids if not store.has(sid)]
         if missing:
-            raise ValueError(f'{len(missing)} sessions of the given splits are not in the store, '
-                             f'e.g. {missing[:3]}')
+            raise ValueError(
+                f'{len(missing)} sessions of the given splits are not in the store, e.g. {missing[:3]}'
+            )
         return splits
     return make_splits(store.speakers(), config.split_fractions, config.split_seed, config.split_by)
 
@@ -288,7 +297,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     if not splits['train']:
         raise ValueError('the training split is empty; the store needs more sessions/speakers')
     train_source = SessionSource(store, splits['train'])
-    val_ids = splits['val'] or splits['train']   # tiny stores: select on training data, and say so
+    val_ids = splits['val'] or splits['train']  # tiny stores: select on training data, and say so
     val_source = train_source if not splits['val'] else SessionSource(store, splits['val'])
     if train_source.labelled_frames() == 0:
         raise ValueError('the training split has no labelled frame')
@@ -299,8 +308,9 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     model.to(device)
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
     loss_fn = CCCMSELoss(config.ccc_weight, config.mse_weight)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     rng = np.random.default_rng(config.seed)
     dropout_gen = torch.Generator().manual_seed(config.seed)
 
@@ -316,7 +326,8 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     total_steps = max(1, windows_per_epoch() * config.epochs)
     warmup_steps = int(config.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, config.min_lr_ratio))
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, config.min_lr_ratio)
+    )
 
     history: list = []
     best_score, best_epoch, best_report = -math.inf, 0, {}
@@ -334,8 +345,13 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         model.train()
         epoch_loss, epoch_ccc, windows = 0.0, np.zeros(2), 0
         batches = batches_by_length(splits['train'], train_source.lengths, config.batch_size, rng)
-        bar = tqdm(batches, desc=f'epoch {epoch}/{config.epochs}', unit='batch', leave=False,
-                   disable=not config.progress)
+        bar = tqdm(
+            batches,
+            desc=f'epoch {epoch}/{config.epochs}',
+            unit='batch',
+            leave=False,
+            disable=not config.progress,
+        )
         for ids in bar:
             crops = _random_crops(ids, train_source.lengths, config.crop_frames, rng)
             batch = collate(train_source, ids, crops).to(device)
@@ -347,7 +363,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
                     va, _, state = model.forward_sequence(part.x, mask, state)
                 parts = loss_fn(va.float(), part.labels, part.valid)
                 state = detach_state(state)
-                if parts.frames == 0:   # nothing labelled in this window: carry the state on
+                if parts.frames == 0:  # nothing labelled in this window: carry the state on
                     continue
                 optimizer.zero_grad(set_to_none=True)
                 parts.loss.backward()
@@ -362,8 +378,9 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
                 windows += 1
             bar.set_postfix(loss=f'{epoch_loss / max(windows, 1):.3f}')
         eval_model = ema.shadow if ema is not None else model
-        predictions = predict_sessions(eval_model, val_source, val_ids, device, config.eval_batch_size,
-                                       use_bf16)
+        predictions = predict_sessions(
+            eval_model, val_source, val_ids, device, config.eval_batch_size, use_bf16
+        )
         report = evaluate_predictions(val_source, predictions)
         row = {
             'epoch': epoch,
@@ -383,34 +400,63 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         if score > best_score:
             best_score, best_epoch, best_report = score, epoch, report
             epochs_without_gain = 0
-            save_checkpoint(checkpoint_path, _cpu_copy(eval_model), store.encoder_spec, {
-                **meta_base, 'epoch': epoch, 'val_report': _jsonable(report),
-                'validation_split': 'val' if splits['val'] else 'train (no validation sessions)'})
+            save_checkpoint(
+                checkpoint_path,
+                _cpu_copy(eval_model),
+                store.encoder_spec,
+                {
+                    **meta_base,
+                    'epoch': epoch,
+                    'val_report': _jsonable(report),
+                    'validation_split': 'val' if splits['val'] else 'train (no validation sessions)',
+                },
+            )
         else:
             epochs_without_gain += 1
         if config.progress:
-            print(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val CCC v {row['val_ccc_valence']:.3f} "
-                  f"a {row['val_ccc_arousal']:.3f} mean {row['val_ccc_mean']:.3f}"
-                  f"{'  *' if best_epoch == epoch else ''}", flush=True)
+            print(
+                f'epoch {epoch:3d}  loss {row["train_loss"]:.4f}  val CCC v {row["val_ccc_valence"]:.3f} '
+                f'a {row["val_ccc_arousal"]:.3f} mean {row["val_ccc_mean"]:.3f}'
+                f'{"  *" if best_epoch == epoch else ""}',
+                flush=True,
+            )
         if epochs_without_gain >= config.patience and epoch >= config.min_epochs:
             break
     if config.plots:
-        from .plots import plot_curves, plot_va_plane
         from ..core.checkpoint import load_checkpoint
+        from .plots import plot_curves, plot_va_plane
 
         plot_curves(history, out_dir / 'curves.png')
         best = load_checkpoint(checkpoint_path, device=str(device)).model
         predictions = predict_sessions(best, val_source, val_ids, device, config.eval_batch_size, use_bf16)
         preds = np.concatenate([va for va, _ in predictions.values()])
         truths = np.concatenate([val_source.arrays(sid)[2] for sid in predictions])
-        plot_va_plane(preds, truths, out_dir / 'va_plane_val.png',
-                      title=f'{config.model} on validation (epoch {best_epoch})')
-    summary = {'checkpoint': str(checkpoint_path), 'best_epoch': best_epoch, 'best_val_ccc_mean': best_score,
-               'epochs_run': len(history), 'val_report': best_report, 'splits': {k: len(v) for k, v in splits.items()},
-               'seconds': time.perf_counter() - started}
+        plot_va_plane(
+            preds,
+            truths,
+            out_dir / 'va_plane_val.png',
+            title=f'{config.model} on validation (epoch {best_epoch})',
+        )
+    summary = {
+        'checkpoint': str(checkpoint_path),
+        'best_epoch': best_epoch,
+        'best_val_ccc_mean': best_score,
+        'epochs_run': len(history),
+        'val_report': best_report,
+        'splits': {k: len(v) for k, v in splits.items()},
+        'seconds': time.perf_counter() - started,
+    }
     (out_dir / 'summary.json').write_text(json.dumps(_jsonable(summary), indent=2))
-    return TrainResult(checkpoint_path, history, best_epoch, best_score, splits, out_dir, best_report,
-                       time.perf_counter() - started)
+    return TrainResult(
+        checkpoint_path,
+        history,
+        best_epoch,
+        best_score,
+        splits,
+        out_dir,
+        best_report,
+        time.perf_counter() - started,
+    )
 
 
 def _random_crops(ids, lengths: dict, crop_frames: Optional[int], rng) -> Optional[dict]:

@@ -62,8 +62,10 @@ def read_label_csv(path) -> tuple[Optional[np.ndarray], np.ndarray]:
     header, rows = _open_rows(path)
     missing = [name for name in ('valence', 'arousal') if name not in header]
     if missing:
-        raise LabelFileError(f'{path}: header {header} lacks {missing}; expected time,valence,arousal '
-                             f'(or valence,arousal with one row per video frame)')
+        raise LabelFileError(
+            f'{path}: header {header} lacks {missing}; expected time,valence,arousal '
+            f'(or valence,arousal with one row per video frame)'
+        )
     columns = [header.index('valence'), header.index('arousal')]
     time_column = header.index('time') if 'time' in header else None
     times, labels = [], []
@@ -81,7 +83,7 @@ def read_label_csv(path) -> tuple[Optional[np.ndarray], np.ndarray]:
     if not labels:
         raise LabelFileError(f'{path} has a header but no label rows')
     values = np.asarray(labels, dtype=np.float32)
-    values[(values < -1.0) | (values > 1.0)] = np.nan   # Aff-Wild2's -5 and other out-of-range marks
+    values[(values < -1.0) | (values > 1.0)] = np.nan  # Aff-Wild2's -5 and other out-of-range marks
     if time_column is None:
         return None, values
     stamps = np.asarray(times, dtype=np.float64)
@@ -90,12 +92,17 @@ def read_label_csv(path) -> tuple[Optional[np.ndarray], np.ndarray]:
     return stamps, values
 
 
-def labels_for_frames(frame_times: np.ndarray, label_times: Optional[np.ndarray], labels: np.ndarray,
-                      fps: float, tolerance_s: Optional[float] = None) -> np.ndarray:
+def labels_for_frames(
+    frame_times: np.ndarray,
+    label_times: Optional[np.ndarray],
+    labels: np.ndarray,
+    fps: float,
+    tolerance_s: Optional[float] = None,
+) -> np.ndarray:
     """One (valence, arousal) row per frame: the nearest label row in time within the tolerance, else NaN."""
     frame_times = np.asarray(frame_times, dtype=np.float64)
     out = np.full((frame_times.size, 2), np.nan, dtype=np.float32)
-    if label_times is None:                     # one row per frame, in order
+    if label_times is None:  # one row per frame, in order
         count = min(frame_times.size, labels.shape[0])
         out[:count] = labels[:count]
         return out
@@ -104,8 +111,9 @@ def labels_for_frames(frame_times: np.ndarray, label_times: Optional[np.ndarray]
         tolerance_s = max(DEFAULT_TOLERANCE_FRACTION * spacing, 0.5 / fps)
     right = np.clip(np.searchsorted(label_times, frame_times), 0, label_times.size - 1)
     left = np.clip(right - 1, 0, label_times.size - 1)
-    pick = np.where(np.abs(label_times[left] - frame_times) <= np.abs(label_times[right] - frame_times),
-                    left, right)
+    pick = np.where(
+        np.abs(label_times[left] - frame_times) <= np.abs(label_times[right] - frame_times), left, right
+    )
     close = np.abs(label_times[pick] - frame_times) <= tolerance_s + 1e-9
     out[close] = labels[pick[close]]
     return out
@@ -145,14 +153,26 @@ def discover_pairs(directory) -> list:
         if labels.exists():
             pairs.append((video, labels))
     if not pairs:
-        raise FileNotFoundError(f'no <name>.<video> + <name>.csv pairs in {directory} '
-                                f'(video extensions: {", ".join(VIDEO_SUFFIXES)})')
+        raise FileNotFoundError(
+            f'no <name>.<video> + <name>.csv pairs in {directory} '
+            f'(video extensions: {", ".join(VIDEO_SUFFIXES)})'
+        )
     return pairs
 
 
-def prepare_video(video_path, labels_path, store, extractor, *, session_id: Optional[str] = None,
-                  speaker: Optional[str] = None, audio_path=None, transcript_path=None,
-                  tolerance_s: Optional[float] = None, overwrite: bool = False) -> Optional[str]:
+def prepare_video(
+    video_path,
+    labels_path,
+    store,
+    extractor,
+    *,
+    session_id: Optional[str] = None,
+    speaker: Optional[str] = None,
+    audio_path=None,
+    transcript_path=None,
+    tolerance_s: Optional[float] = None,
+    overwrite: bool = False,
+) -> Optional[str]:
     """Extract one labelled video into ``store``; returns the session id, or None when already there.
 
     ``extractor``: a :class:`~.extraction.SessionExtractor`. Audio: ``audio_path`` (a WAV file)
@@ -171,14 +191,27 @@ def prepare_video(video_path, labels_path, store, extractor, *, session_id: Opti
         try:
             audio = load_wav(audio_path) if audio_path else load_container_audio(video_path)
         except MediaError as error:
-            raise MediaError(f'{error}. An audio encoder is configured, so audio is required; '
-                             f'pass --audio FILE.wav or --audio-encoder none') from error
+            raise MediaError(
+                f'{error}. An audio encoder is configured, so audio is required; '
+                f'pass --audio FILE.wav or --audio-encoder none'
+            ) from error
     texts = read_transcript_csv(transcript_path) if transcript_path else []
     result = extractor.extract(frames, audio=audio, texts=texts)
     labels = labels_for_frames(result.timestamps, label_times, label_values, fps, tolerance_s)
-    store.write_session(session_id, speaker=speaker or session_id, timestamps=result.timestamps,
-                        features=result.features, mask=result.mask, labels=labels,
-                        meta={'source': 'video', 'video': str(video_path), 'labels': str(labels_path),
-                              'audio': str(audio_path) if audio_path else 'container',
-                              'fps': fps, **result.info})
+    store.write_session(
+        session_id,
+        speaker=speaker or session_id,
+        timestamps=result.timestamps,
+        features=result.features,
+        mask=result.mask,
+        labels=labels,
+        meta={
+            'source': 'video',
+            'video': str(video_path),
+            'labels': str(labels_path),
+            'audio': str(audio_path) if audio_path else 'container',
+            'fps': fps,
+            **result.info,
+        },
+    )
     return session_id
