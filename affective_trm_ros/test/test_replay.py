@@ -139,6 +139,15 @@ def test_labels_from_topic_and_csv(tmp_path):
     by_stamp = tmp_path / 'stamps.csv'
     by_stamp.write_text(f'stamp,valence,arousal\n{(frames[2] + 1_000_000) / 1e9:.6f},0.25,0.75\n')
     assert labels_from_csv(by_stamp, frames)[2].tolist() == [0.25, 0.75]
+    relative = tmp_path / 'relative.csv'   # seconds since the first frame, as for `prepare video`
+    relative.write_text('time,valence,arousal\n0.0,0.1,0.2\n0.0333,0.3,0.4\n')
+    labels = labels_from_csv(relative, frames)
+    assert labels[1].tolist() == pytest.approx([0.3, 0.4]) and np.isnan(labels[3]).all()
+    per_frame = tmp_path / 'per_frame.csv'
+    per_frame.write_text('valence,arousal\n0.1,0.1\n-5,0.2\n')   # -5: unannotated (Aff-Wild2)
+    labels = labels_from_csv(per_frame, frames)
+    assert labels[0].tolist() == pytest.approx([0.1, 0.1]) and np.isnan(labels[1, 0])
+    assert np.isnan(labels[2]).all()
     bad = tmp_path / 'bad.csv'
     bad.write_text('time,v,a\n0,0,0\n')
     with pytest.raises(ValueError, match="expected columns 'valence', 'arousal'"):

@@ -201,7 +201,7 @@ def test_gradients_reach_the_carried_state_only_as_configured():
     outputs = {}
     for grad_cycles, state_gradient, expect_grad in ((1, 'none', False), (2, 'none', True),
                                                      (1, 'identity', True)):
-        model = small_trm(grad_cycles=grad_cycles, state_gradient=state_gradient).train()
+        model = small_trm(grad_cycles=grad_cycles, state_gradient=state_gradient, carry_gate=False).train()
         state = model.initial_state(1)
         state = TRMState(state.y.detach().requires_grad_(), state.z.detach().requires_grad_())
         va, _, _ = model.step(x, mask, state)
@@ -211,6 +211,21 @@ def test_gradients_reach_the_carried_state_only_as_configured():
         outputs[(grad_cycles, state_gradient)] = va.detach()
     # The Jacobian-free path changes gradients only, never values.
     torch.testing.assert_close(outputs[(1, 'identity')], outputs[(1, 'none')])
+
+
+def test_the_carry_gate_mixes_the_previous_and_the_new_state():
+    model = small_trm()
+    x, mask = inputs(batch=1)
+    state = model.initial_state(1)
+    with torch.no_grad():
+        _, _, gated = model.step(x, mask, state)
+        new_y, new_z = model._recurse(model.embed_inputs(x, mask), state.y, state.z)
+    for old, new, out in ((state.y, new_y, gated.y), (state.z, new_z, gated.z)):
+        low, high = torch.minimum(old, new), torch.maximum(old, new)
+        assert ((out >= low - 1e-6) & (out <= high + 1e-6)).all()  # per channel, between old and new
+        assert (out - new).abs().max() > 1e-3 and (out - old).abs().max() > 1e-3
+    with pytest.raises(ValueError, match='carry_gate'):
+        TRMConfig(modality_dims=DIMS, seed_compatible=True, carry_gate=True)
 
 
 def _toy_stream(batch, steps, generator):

@@ -87,11 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BagTopics()
     for name in TOPIC_ROLES:
         parser.add_argument(f"--{name.replace('_', '-')}-topic", dest=f'topic_{name}',
-                            default=getattr(defaults, name),
+                            default=getattr(defaults, name), metavar='TOPIC',
                             help=f"bag topic of the {name.replace('_', ' ')}")
     parser.add_argument('--labels-csv', type=Path, default=None,
-                        help='per-frame labels (columns valence, arousal and stamp or frame) instead of '
-                             'the ground-truth topic')
+                        help='labels instead of the ground-truth topic: columns valence, arousal and '
+                             'stamp (ROS time), frame (index), time (s since the first frame) or none '
+                             '(one row per frame)')
     parser.add_argument('--timeout', type=float, default=120.0,
                         help='seconds to wait for any one answer of the nodes (default: 120)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')

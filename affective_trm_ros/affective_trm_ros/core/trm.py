@@ -108,6 +108,7 @@ class TRMConfig:
     grad_cycles: int = 1
     mixer: str = 'attention'
     state_gradient: str = 'identity'
+    carry_gate: bool = True
     seed_compatible: bool = False
     rms_norm_eps: float = RMS_NORM_EPS
     rope_theta: float = 10000.0
@@ -128,6 +129,9 @@ class TRMConfig:
             raise ValueError(f'mixer must be one of {MIXERS}, got {self.mixer!r}')
         if self.seed_compatible and self.mixer != 'attention':
             raise ValueError('the seed-compatible mode uses attention; mixer must be "attention"')
+        if self.seed_compatible and self.carry_gate:
+            raise ValueError('the seed-compatible mode resets its state every frame; '
+                             'carry_gate must be False')
         if self.expansion <= 0:
             raise ValueError(f'expansion must be > 0, got {self.expansion}')
 
@@ -136,7 +140,7 @@ class TRMConfig:
         """The AffectiveTRM prototype's configuration (hidden 512, 8 heads, 2 layers, H 2, L 1)."""
         return cls(modality_dims=dict(modality_dims or DEFAULT_MODALITY_DIMS), hidden_size=512,
                    num_heads=8, num_layers=2, expansion=4.0, h_cycles=2, l_cycles=1, grad_cycles=2,
-                   mixer='attention', seed_compatible=True)
+                   mixer='attention', carry_gate=False, seed_compatible=True)
 
     @property
     def input_dim(self) -> int:
@@ -457,6 +461,10 @@ class StatefulTRM(FusionModel):
         self.z_init = nn.Parameter(_trunc_normal((self.num_tokens, hidden), 1.0))
         self.output_head = nn.Linear(hidden, 2)
         self.certainty_head = nn.Linear(hidden, 1)
+        if config.carry_gate:
+            # Per-channel update gates between the previous frame's state and this frame's result.
+            self.carry_gate_y = nn.Linear(2 * hidden, hidden)
+            self.carry_gate_z = nn.Linear(2 * hidden, hidden)
         with torch.no_grad():
             self.certainty_head.weight.zero_()
             self.certainty_head.bias.fill_(CERTAINTY_BIAS_INIT)
@@ -495,6 +503,11 @@ class StatefulTRM(FusionModel):
             y, z = self._cycle(x_tokens, y, z)
         return y, z
 
+    @staticmethod
+    def _gate(gate: nn.Linear, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        update = torch.sigmoid(gate(torch.cat([old, new], dim=-1)))
+        return old + update * (new - old)
+
     def _cycle(self, x_tokens, y, z):
         for _ in range(self.config.l_cycles):
             z = self.net(z, y + x_tokens)
@@ -504,6 +517,9 @@ class StatefulTRM(FusionModel):
     def _step(self, x: torch.Tensor, mask: torch.Tensor, state: TRMState):
         x_tokens = self.embed_inputs(x, mask)
         y, z = self._recurse(x_tokens, state.y, state.z)
+        if self.config.carry_gate:
+            y = self._gate(self.carry_gate_y, state.y, y)
+            z = self._gate(self.carry_gate_z, state.z, z)
         readout = y[:, self.readout_index]
         va = torch.tanh(self.output_head(readout))
         certainty = torch.sigmoid(self.certainty_head(readout)).squeeze(-1)

@@ -44,6 +44,8 @@ from .common import LATCHED_QOS
 # Raw inputs the driver publishes (role -> node input topic default).
 ROLE_IMAGE, ROLE_COMPRESSED, ROLE_AUDIO, ROLE_AUDIO_INFO, ROLE_SPEECH = (
     'image', 'compressed_image', 'audio', 'audio_info', 'speech')
+# Headerless audio: the audio node starts its sample clock at the first message's arrival time.
+AUDIO_DATA_TYPE = 'audio_common_msgs/msg/AudioData'
 EMBEDDING_TOPICS = {m: f'affect/embedding/{m}' for m in (VIDEO, AUDIO, TEXT)}
 OUTPUT_TOPIC = 'affect/valence_arousal'
 # Inputs are published reliable (a best-effort subscriber still matches); outputs are read with
@@ -154,6 +156,7 @@ class ReplayDriver(Node):
         self._counts = {AUDIO: 0, TEXT: 0}
         self._output_stamps: set = set()
         self._expected_audio = 0
+        self._audio_seen = False
         self._expected_text = 0
         self.record = ReplayRecord(mode='')
         for modality, topic in EMBEDDING_TOPICS.items():
@@ -263,8 +266,11 @@ class ReplayDriver(Node):
                            'ValenceArousal for the frames due by the fusion policy (is the fusion node '
                            'running?)', clock_ns)
                 frames = [f for f in frames if f not in self._output_stamps]
-                if item.role == ROLE_SPEECH:
-                    time.sleep(SETTLE_S)
+                if item.role == ROLE_SPEECH or (item.role == ROLE_AUDIO and not self._audio_seen
+                                                and self._input_types[ROLE_AUDIO] == AUDIO_DATA_TYPE):
+                    time.sleep(SETTLE_S)  # stamped on arrival by the node clock: let it see this /clock
+                if item.role == ROLE_AUDIO:
+                    self._audio_seen = True
             publisher = self._input_pubs[item.role]
             publisher.publish(item.data)
             record.messages_published += 1

@@ -392,25 +392,40 @@ def labels_from_topic(bag_path: str | Path, topic: str, video_stamps_ns: Sequenc
 
 def labels_from_csv(csv_path: str | Path, video_stamps_ns: Sequence[int],
                     tolerance_s: float = LABEL_STAMP_TOLERANCE_S) -> np.ndarray:
-    """(N, 2) labels from a CSV with a header: ``valence``, ``arousal`` and either ``stamp``
-    (seconds, the image header stamps' clock) or ``frame`` (0-based index of the video frame in the
-    bag). Frames without a row are unlabelled (NaN)."""
+    """(N, 2) labels for the bag's video frames from a CSV with a header row and the columns
+    ``valence`` and ``arousal`` plus one of:
+
+    * ``stamp``: seconds on the image stamps' clock (ROS time), matched within ``tolerance_s``;
+    * ``frame``: the 0-based index of the video frame in the bag;
+    * ``time``: seconds since the first video frame (the convention of ``prepare video``);
+    * none of them: one row per video frame, in order.
+
+    Frames without a row are unlabelled (NaN); so are values outside [-1, 1].
+    """
+    from .video_csv import labels_for_frames, read_label_csv
+
     path = Path(csv_path)
+    video = np.asarray(video_stamps_ns, np.int64)
     with open(path, newline='') as handle:
         reader = csv.DictReader(handle)
-        columns = set(reader.fieldnames or ())
-        if not {'valence', 'arousal'} <= columns or not ({'stamp', 'frame'} & columns):
-            raise ValueError(f"{path}: expected columns 'valence', 'arousal' and 'stamp' or 'frame'; "
-                             f'found {sorted(columns)}')
-        rows = list(reader)
-    video = np.asarray(video_stamps_ns, np.int64)
+        columns = {name.strip().lower() for name in (reader.fieldnames or ())}
+        rows = [{k.strip().lower(): v for k, v in row.items() if k} for row in reader]
+    if not {'valence', 'arousal'} <= columns:
+        raise ValueError(f"{path}: expected columns 'valence', 'arousal' and optionally 'stamp', 'frame' or "
+                         f"'time'; found {sorted(columns)}")
+    if 'stamp' not in columns and 'frame' not in columns:
+        times, values = read_label_csv(path)
+        frame_times = (video - video[0]) / 1e9 if video.size else np.zeros(0)
+        fps = 1.0 / float(np.median(np.diff(frame_times))) if video.size > 1 else 30.0
+        return labels_for_frames(frame_times, times, values, fps)
     values = np.array([(float(r['valence']), float(r['arousal'])) for r in rows], np.float32).reshape(-1, 2)
+    values[(values < -1.0) | (values > 1.0)] = np.nan
     if 'frame' in columns:
         labels = np.full((len(video), 2), np.nan, np.float32)
         for row, value in zip(rows, values):
             index = int(row['frame'])
             if not 0 <= index < len(video):
-                raise ValueError(f'{path}: frame {index} is outside the bag\'s {len(video)} video frames')
+                raise ValueError(f"{path}: frame {index} is outside the bag's {len(video)} video frames")
             labels[index] = value
         return labels
     stamps = np.array([round(float(r['stamp']) * 1e9) for r in rows], np.int64)
