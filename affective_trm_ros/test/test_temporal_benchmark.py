@@ -28,8 +28,8 @@ def test_streams_are_seeded_and_speaker_disjoint():
     assert not np.array_equal(store_a.load(first).labels, store_c.load(first).labels)
     assert len(splits_a['test']) == 3 and not set(splits_a['test']) & set(splits_a['train'])
     assert store_a.dims == {'audio': 16, 'video': 32, 'text': 16}
-    assert build_store(small_config(small=False, train_streams=1, val_streams=0, test_streams=0, frames=5))[0].dims \
-        == {'audio': 768, 'video': 1280, 'text': 768}
+    full, _ = build_store(small_config(small=False, train_streams=1, val_streams=0, test_streams=0, frames=5))
+    assert full.dims == {'audio': 768, 'video': 1280, 'text': 768}
 
 
 def test_modalities_carry_what_the_design_says():

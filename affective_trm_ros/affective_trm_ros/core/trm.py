@@ -12,7 +12,10 @@ What this module adds for streaming affect:
   token. ``y`` and ``z`` hold one vector per token, so the network mixes the modalities and the
   memory of each.
 * **State that persists across frames**: ``(y, z)`` after a step is the starting point of the
-  next step of the same stream, until :meth:`FusionModel.reset_state`.
+  next step of the same stream, until :meth:`FusionModel.reset_state`. A learned per-channel
+  *carry gate* (on by default) blends each frame's result with the previous state,
+  ``s = s_prev + g * (s_new - s_prev)``, so holding a value through a gap is easy to learn and
+  gradients have a short path through time.
 * **Bounded output and a confidence**: valence/arousal = ``tanh`` of a linear head on the readout
   token of ``y``; confidence = ``coverage(mask) * sigmoid(head(y_readout))`` (see
   :meth:`FusionModel._coverage`).
@@ -96,6 +99,8 @@ class TRMConfig:
 
     ``h_cycles`` is T (deep recursions per step), ``l_cycles`` is n (latent updates per deep
     recursion), ``grad_cycles`` how many of the last deep recursions keep gradients (the paper: 1).
+    ``state_gradient`` says how the gradient reaches the carried-in state through the gradient-free
+    recursions, ``carry_gate`` whether a learned gate blends the new state with the previous one.
     """
 
     modality_dims: dict = field(default_factory=lambda: dict(DEFAULT_MODALITY_DIMS))
@@ -108,7 +113,7 @@ class TRMConfig:
     grad_cycles: int = 1
     mixer: str = 'attention'
     state_gradient: str = 'identity'
-    carry_gate: bool = True
+    carry_gate: Optional[bool] = None  # None: on for the stateful TRM, off in seed-compatible mode
     seed_compatible: bool = False
     rms_norm_eps: float = RMS_NORM_EPS
     rope_theta: float = 10000.0
@@ -129,6 +134,8 @@ class TRMConfig:
             raise ValueError(f'mixer must be one of {MIXERS}, got {self.mixer!r}')
         if self.seed_compatible and self.mixer != 'attention':
             raise ValueError('the seed-compatible mode uses attention; mixer must be "attention"')
+        if self.carry_gate is None:
+            self.carry_gate = not self.seed_compatible
         if self.seed_compatible and self.carry_gate:
             raise ValueError('the seed-compatible mode resets its state every frame; '
                              'carry_gate must be False')

@@ -21,7 +21,7 @@ from ..core.device import resolve_device
 from ..core.metrics import DIMENSIONS, regression_report
 from .data import SessionSource
 from .splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLIT_NAMES, make_splits
-from .train import _jsonable, predict_sessions
+from .train import predict_sessions, to_json_compatible
 
 # Sessions plotted over time in a report (the first N in id order); more would bloat the folder.
 DEFAULT_MAX_TIMESERIES = 4
@@ -194,7 +194,7 @@ def write_report(
             plotted.append(path.name)
         report = {**report, 'plots': ['va_plane.png', *plotted]}
     json_path = out_dir / REPORT_JSON
-    json_path.write_text(json.dumps(_jsonable(report), indent=2))
+    json_path.write_text(json.dumps(to_json_compatible(report), indent=2))
     files['json'] = json_path
     md_path = out_dir / REPORT_MD
     md_path.write_text(report_markdown(report, title))

@@ -29,10 +29,11 @@ from typing import Optional
 
 import numpy as np
 
+from ..core.checkpoint import load_checkpoint
 from ..core.metrics import regression_report
 from ..core.trm import DEFAULT_MODALITY_DIMS
 from .features import InMemoryStore
-from .train import TrainConfig, _jsonable, predict_sessions, train
+from .train import TrainConfig, predict_sessions, to_json_compatible, train
 
 # Feature sizes of the --small variant (the default uses the real encoders' sizes).
 SMALL_DIMS = {'audio': 16, 'video': 32, 'text': 16}
@@ -103,6 +104,7 @@ class TemporalBenchmarkConfig:
     batch_size: int = 16
     window: int = 40
     lr: float = 2e-3
+    weight_decay: float = 0.01
     models: tuple = MODEL_ORDER
     model_configs: dict = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_MODEL_CONFIGS.items()}
@@ -223,7 +225,7 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
     test_source = SessionSource(store, splits['test'])
     mask_all = np.concatenate([test_source.arrays(sid)[1] for sid in splits['test']])
     results: dict = {
-        'config': _jsonable(dataclasses.asdict(config)),
+        'config': to_json_compatible(dataclasses.asdict(config)),
         'dims': config.dims,
         'presence_test': {m: float(mask_all[:, i].mean()) for i, m in enumerate(store.modalities)},
         'models': {},
@@ -238,6 +240,7 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
             batch_size=config.batch_size,
             window=config.window,
             lr=config.lr,
+            weight_decay=config.weight_decay,
             warmup_fraction=0.05,
             ema_decay=0.99,
             patience=config.epochs,
@@ -249,8 +252,6 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
             progress=config.progress,
         )
         result = train(store, train_config)
-        from ..core.checkpoint import load_checkpoint
-
         best = load_checkpoint(result.checkpoint_path, device=config.device)
         predictions = predict_sessions(best.model, test_source, splits['test'], torch.device(config.device))
         preds = np.concatenate([predictions[sid][0] for sid in splits['test']])
@@ -271,7 +272,7 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
                 flush=True,
             )
     results['seconds'] = time.perf_counter() - started
-    (out_dir / 'results.json').write_text(json.dumps(_jsonable(results), indent=2))
+    (out_dir / 'results.json').write_text(json.dumps(to_json_compatible(results), indent=2))
     (out_dir / 'results.md').write_text(results_markdown(results))
     return results
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..core.baselines import GRUConfig, MLPConfig
-from ..core.checkpoint import KINDS, build_from_kind, save_checkpoint
+from ..core.checkpoint import KINDS, build_from_kind, load_checkpoint, save_checkpoint
 from ..core.device import resolve_device
 from ..core.metrics import regression_report
 from ..core.trm import TRMConfig, detach_state
@@ -334,7 +334,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     checkpoint_path = out_dir / CHECKPOINT_NAME
     epochs_without_gain = 0
     meta_base = {
-        'train_config': _jsonable(dataclasses.asdict(config)),
+        'train_config': to_json_compatible(dataclasses.asdict(config)),
         'splits': splits,
         'split_speakers': split_speakers(splits, store.speakers()),
         'store': str(Path(store.root).resolve()),
@@ -407,7 +407,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
                 {
                     **meta_base,
                     'epoch': epoch,
-                    'val_report': _jsonable(report),
+                    'val_report': to_json_compatible(report),
                     'validation_split': 'val' if splits['val'] else 'train (no validation sessions)',
                 },
             )
@@ -423,7 +423,6 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         if epochs_without_gain >= config.patience and epoch >= config.min_epochs:
             break
     if config.plots:
-        from ..core.checkpoint import load_checkpoint
         from .plots import plot_curves, plot_va_plane
 
         plot_curves(history, out_dir / 'curves.png')
@@ -446,7 +445,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         'splits': {k: len(v) for k, v in splits.items()},
         'seconds': time.perf_counter() - started,
     }
-    (out_dir / 'summary.json').write_text(json.dumps(_jsonable(summary), indent=2))
+    (out_dir / 'summary.json').write_text(json.dumps(to_json_compatible(summary), indent=2))
     return TrainResult(
         checkpoint_path,
         history,
@@ -475,14 +474,14 @@ def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).cpu()
 
 
-def _jsonable(value):
+def to_json_compatible(value):
     """Replace non-finite floats by None and tuples by lists, for strict JSON."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_json_compatible(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [to_json_compatible(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (np.floating, np.integer)):
-        return _jsonable(value.item())
+        return to_json_compatible(value.item())
     return value
