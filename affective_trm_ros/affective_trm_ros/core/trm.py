@@ -187,6 +187,8 @@ def split_state(state: tuple, batch_size: int) -> list:
 
 def stack_states(states: list) -> tuple:
     """Concatenate states of the same model along the batch dimension."""
+    if not states:
+        raise ValueError('stack_states needs at least one state')
     first = states[0]
     tensors = [torch.cat([s[k] for s in states], dim=0) for k in range(len(first))]
     return type(first)(*tensors) if hasattr(first, '_fields') else tuple(tensors)

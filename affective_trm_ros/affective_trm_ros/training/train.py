@@ -41,6 +41,8 @@ from .splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, make_splits, split_sp
 
 CHECKPOINT_NAME = 'best.pt'
 HISTORY_NAME = 'history.csv'
+# Parameter names (last component) that are states, tokens or embeddings rather than weights.
+NO_DECAY_KEYS = ('init', 'absent', 'embedding', 'token')
 # Frames per step when predicting whole sessions for evaluation (bounds activation memory).
 EVAL_CHUNK_FRAMES = 512
 
@@ -159,6 +161,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW groups: weight decay on weight matrices only, not on biases, norms, learned states or
+    embeddings (decaying those pulls the initial state and absent tokens towards zero for no reason)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        leaf = name.rsplit('.', 1)[-1]
+        plain = parameter.dim() < 2 or any(key in leaf for key in NO_DECAY_KEYS)
+        (no_decay if plain else decay).append(parameter)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
 class WeightEMA:
@@ -308,9 +323,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     model.to(device)
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
     loss_fn = CCCMSELoss(config.ccc_weight, config.mse_weight)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     rng = np.random.default_rng(config.seed)
     dropout_gen = torch.Generator().manual_seed(config.seed)
 
