@@ -352,7 +352,7 @@ def replay(out: Path, bag: Path, checkpoint: Path, overrides: dict, device: str,
     from .replay import ReplayOptions, replay_bag
 
     options = ReplayOptions(device=device, parameters=overrides, record_embeddings=True, progress=progress,
-                            title=f'Main job: held-out session {bag.name} through the ROS 2 nodes')
+                            title='Main job: held-out replay')
     return replay_bag(bag, checkpoint, out / 'report', options)
 
 
@@ -397,7 +397,7 @@ def finish_report(out: Path, outcome, baseline: dict, stages: Stages, size: Demo
                       'total_seconds': round(stages.elapsed, 1), 'node_parameters': overrides,
                       'untrained': untrained, 'replay_key': replay_key}
     outcome.files.update(write_replay_report(out / 'report', outcome.table, report,
-                                             title='Main job: held-out session through the ROS 2 nodes',
+                                             title='Main job: held-out replay',
                                              session=report['session']))
     return report
 

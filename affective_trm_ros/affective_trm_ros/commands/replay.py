@@ -272,7 +272,7 @@ def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] =
         'republished_frames': record.republished_frames, 'memory_mb': record.memory_mb,
         'node_parameters': parameters, 'device': options.device, 'session': bag_path.name,
     })
-    title = options.title or f'Replay of {bag_path.name} through the nodes'
+    title = options.title or f'Replay: {bag_path.name}'
     files = write_replay_report(out_dir, table, report, title=title, session=bag_path.name)
     return ReplayOutcome(record, table, report, files)
 

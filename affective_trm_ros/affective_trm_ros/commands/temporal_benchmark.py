@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind, text in (
         ('seed', int, 'random seed of data and training'),
         ('epochs', int, 'training epochs per model'),
+        ('batch_size', int, 'streams per batch'),
         ('train_streams', int, 'training streams'),
         ('test_streams', int, 'held-out streams'),
         ('frames', int, 'frames per stream'),
@@ -70,6 +71,7 @@ def run(args) -> int:
         seed=args.seed,
         small=args.small,
         epochs=args.epochs,
+        batch_size=args.batch_size,
         train_streams=args.train_streams,
         test_streams=args.test_streams,
         frames=args.frames,

@@ -21,6 +21,7 @@ train/serve parity test compares them with the offline features).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import math
 import struct
@@ -70,6 +71,7 @@ IDLE_AFTER_S = 1.0
 # aligner drops a duplicate stamp, so a frame that was only slow is not fused twice.
 RETRY_FACTOR = 20.0
 MIN_RETRY_S = 2.0
+RETRY_HISTORY = 50  # recent encode times the median is taken over
 
 
 class ReplayError(RuntimeError):
@@ -240,7 +242,7 @@ class ReplayDriver(Node):
                     self._publish_clock(clock_ns)
 
     def play(self, inputs: Iterable[ReplayInput], *, realtime: bool = False, rate: float = 1.0,
-             total: Optional[int] = None, progress: Optional[Callable[[int], None]] = None) -> ReplayRecord:
+             progress: Optional[Callable[[int], None]] = None) -> ReplayRecord:
         """Publish ``inputs`` (log-time order) and return what came back."""
         record = self.record
         record.mode = f'realtime x{rate:g}' if realtime else 'as fast as possible'
@@ -248,7 +250,7 @@ class ReplayDriver(Node):
         clock_ns = None
         first_log = None
         frames: list = []
-        encode_times: list = []
+        encode_times: collections.deque = collections.deque(maxlen=RETRY_HISTORY)
         if self._memory_probe:
             record.memory_mb.append((0, self._memory_probe()))
         for item in inputs:
@@ -284,7 +286,7 @@ class ReplayDriver(Node):
                 if self._memory_probe and record.frames_published % 300 == 0:
                     record.memory_mb.append((record.frames_published, self._memory_probe()))
                 if not realtime and VIDEO in self._expect:
-                    retry_after = max(MIN_RETRY_S, RETRY_FACTOR * float(np.median(encode_times[-50:]))
+                    retry_after = max(MIN_RETRY_S, RETRY_FACTOR * float(np.median(encode_times))
                                       if encode_times else self._timeout_s / 4)
 
                     def republish(data=item.data, pub=publisher):
