@@ -223,6 +223,18 @@ def test_truncated_bptt_carries_state_across_windows(store):
     assert torch.allclose(torch.cat(outputs, 1), full, atol=1e-5)
 
 
+def test_frame_independent_models_run_as_a_batch_of_frames(store):
+    from affective_trm_ros.training.train import run_sequence
+
+    model = build_model('seed_trm', store.dims, TINY['seed_trm']).eval()
+    batch = collate(SessionSource(store, store.session_ids()[:2]), store.session_ids()[:2])
+    with torch.no_grad():
+        stepped, confidence, _ = model.forward_sequence(batch.x, batch.mask)
+        flat, flat_confidence, state = run_sequence(model, batch.x, batch.mask, 'carried')
+    assert torch.allclose(stepped, flat, atol=1e-6) and torch.allclose(confidence, flat_confidence)
+    assert state == 'carried'
+
+
 def test_modality_dropout_hides_whole_windows_but_never_everything():
     generator = torch.Generator().manual_seed(0)
     mask = torch.ones(64, 10, 3, dtype=torch.bool)

@@ -95,13 +95,13 @@ MODEL_LABELS = {
 class TemporalBenchmarkConfig:
     seed: int = 0
     small: bool = False  # small feature dims instead of the real encoders' dims
-    train_streams: int = 96
+    train_streams: int = 192
     val_streams: int = 16
     test_streams: int = 32
     frames: int = 240
     fps: float = 10.0
-    epochs: int = 15
-    batch_size: int = 16
+    epochs: int = 10
+    batch_size: int = 8
     window: int = 40
     lr: float = 2e-3
     weight_decay: float = 0.01
