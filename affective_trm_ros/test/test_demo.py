@@ -34,7 +34,8 @@ def test_demo_writes_a_complete_report(demo_dir):
     assert report['frames'] == report['frames_with_estimate'] == 50   # 5 s at 10 FPS
     for model, metrics in report['baseline'].items():
         for dimension in ('valence', 'arousal'):
-            assert math.isfinite(metrics[dimension]['ccc']) and math.isfinite(metrics[dimension]['rmse']), model
+            values = metrics[dimension]
+            assert math.isfinite(values['ccc']) and math.isfinite(values['rmse']), model
     assert 'memoryless MLP baseline' in report['baseline']
     assert report['untrained_encoders'].keys() == {'video', 'audio'}
     assert report['encoders']['text'].startswith('minilm@')

@@ -1,7 +1,7 @@
 """`affective-trm temporal-benchmark`: stateful TRM vs memoryless MLP, GRU and seed TRM on synthetic streams.
 
-    affective-trm temporal-benchmark                 # real encoder dims (768/1280/768)
-    affective-trm temporal-benchmark --small         # 16/32/16-dim features, faster
+    affective-trm temporal-benchmark                 # 16/32/16-dim features (minutes on a 2-core CPU)
+    affective-trm temporal-benchmark --full-dims     # the real encoders' 768/1280/768 dims, slower
     affective-trm temporal-benchmark --models trm mlp --epochs 5 --out runs/tb
 
 Streams follow a smooth latent valence/arousal process; video shows it only in stretches, audio
@@ -24,7 +24,8 @@ DEFAULT_THREADS = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TemporalBenchmarkConfig()
-    parser.add_argument('--small', action='store_true', help='16/32/16-dim features instead of 768/1280/768')
+    parser.add_argument('--full-dims', action='store_true',
+                        help="the real encoders' feature sizes 768/1280/768 instead of 16/32/16 (slower)")
     parser.add_argument(
         '--models',
         nargs='+',
@@ -69,7 +70,7 @@ def run(args) -> int:
     torch.set_num_threads(max(1, args.threads))
     config = TemporalBenchmarkConfig(
         seed=args.seed,
-        small=args.small,
+        small=not args.full_dims,
         epochs=args.epochs,
         batch_size=args.batch_size,
         train_streams=args.train_streams,
