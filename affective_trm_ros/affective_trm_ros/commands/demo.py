@@ -59,7 +59,7 @@ class DemoSize:
     epochs: int
 
 
-# Sized to finish within 15 minutes on a 2-core CPU (measured; see docs/sections/replay_and_demo.md):
+# Sized to finish within 15 minutes on a 2-core CPU (measured; see docs/replay_and_demo.md):
 # three training sessions (one selects the epoch) and a held-out session of 45 s each at camera
 # rate. --quick is for the end-to-end test.
 SIZES = {
