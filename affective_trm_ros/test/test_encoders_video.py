@@ -252,3 +252,12 @@ def test_unknown_detector_and_negative_margin_are_refused(pickles):
 
 def test_haar_cascade_ships_with_the_installed_opencv():
     assert HaarDetector().detect(np.zeros((100, 100, 3), np.uint8)) is None
+
+
+def test_frames_smaller_than_a_face_mean_no_face():
+    import torch
+
+    from affective_trm_ros.core.encoders.face import make_detector
+    for name in ('mtcnn', 'haar'):
+        detector = make_detector(name, torch.device('cpu'), min_face_size=40)
+        assert detector.detect(np.zeros((24, 32, 3), np.uint8)) is None, name

@@ -13,10 +13,11 @@ same harness as ``affective-trm train``; the table reports held-out streams. See
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from ..training.temporal_benchmark import MODEL_ORDER, TemporalBenchmarkConfig
+from ..training.temporal_benchmark import DEFAULT_MODEL_CONFIGS, MODEL_ORDER, TemporalBenchmarkConfig
 
 # Torch threads: tiny per-frame matrix products gain nothing from more on a shared 2-core machine.
 DEFAULT_THREADS = 1
@@ -55,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=getattr(defaults, name),
             help=f'{text} (default: {getattr(defaults, name)})',
         )
+    parser.add_argument(
+        '--trm-config',
+        default='{}',
+        help='JSON overrides of the stateful TRM config used here, e.g. \'{"hidden_size": 64}\'',
+    )
     parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda'")
     parser.add_argument(
         '--threads', type=int, default=DEFAULT_THREADS, help=f'torch CPU threads (default: {DEFAULT_THREADS})'
@@ -68,6 +74,13 @@ def run(args) -> int:
     from ..training.temporal_benchmark import results_markdown, run_temporal_benchmark
 
     torch.set_num_threads(max(1, args.threads))
+    try:
+        trm_overrides = json.loads(args.trm_config)
+    except json.JSONDecodeError as error:
+        print(f'temporal-benchmark: --trm-config is not valid JSON: {error}', file=sys.stderr)
+        return 2
+    model_configs = {kind: dict(values) for kind, values in DEFAULT_MODEL_CONFIGS.items()}
+    model_configs['trm'].update(trm_overrides)
     config = TemporalBenchmarkConfig(
         seed=args.seed,
         small=not args.full_dims,
@@ -78,6 +91,7 @@ def run(args) -> int:
         frames=args.frames,
         lr=args.lr,
         models=tuple(args.models),
+        model_configs=model_configs,
         device=args.device,
         out_dir=str(args.out),
         progress=not args.quiet,

@@ -81,10 +81,13 @@ class MTCNNDetector:
         from facenet_pytorch import MTCNN
 
         self.min_confidence = float(min_confidence)
+        self.min_face_size = int(min_face_size)
         self._mtcnn = MTCNN(keep_all=True, device=device, min_face_size=int(min_face_size))
         self._mtcnn.eval()
 
     def detect(self, rgb: np.ndarray) -> Optional[FaceBox]:
+        if min(rgb.shape[:2]) < self.min_face_size:
+            return None  # no face of the minimum size fits (and MTCNN's image pyramid would be empty)
         with torch.inference_mode():
             boxes, probs = self._mtcnn.detect(np.ascontiguousarray(rgb))
         if boxes is None:
