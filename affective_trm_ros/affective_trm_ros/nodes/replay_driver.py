@@ -326,6 +326,8 @@ class ReplayDriver(Node):
             def settled() -> bool:
                 if not self._video_seen <= self._output_stamps:
                     return False
+                if all_frames and not self._video_seen:
+                    return False  # the video node keeps the newest frame: it has not answered yet
                 last = max(self.record.embedding_wall.values(), default=0.0)
                 return all_frames <= self._video_seen or time.perf_counter() - last > IDLE_AFTER_S
 
