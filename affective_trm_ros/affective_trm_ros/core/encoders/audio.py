@@ -19,8 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import weights as weight_registry
-from .base import UNTRAINED, Encoder, EncodeResult, WeightsFormatError
+from .base import Encoder, EncodeResult, WeightsFormatError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -109,14 +108,8 @@ class DashengEncoder(Encoder):
                                      f'Dasheng model, but dasheng_base produces {self.dim}-d embeddings')
 
     def _load_model(self) -> torch.nn.Module:
-        try:
-            path = weight_registry.resolve(self.weights_name, self.weights_path)
-        except FileNotFoundError:
-            if not self.allow_untrained or self.weights_path:
-                raise
-            LOGGER.warning('DashengEncoder: no weights (%s); running UNTRAINED with random features, as '
-                           'requested (allow_untrained)', self.weights_name)
-            self.weights_identity = UNTRAINED
+        path = self._weights_or_untrained(self.weights_name)
+        if path is None:
             return untrained_dasheng()
         model = load_dasheng(path)
         self.weights_identity = Path(path).stem

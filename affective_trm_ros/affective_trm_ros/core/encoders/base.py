@@ -15,6 +15,7 @@ keeps training and serving features identical.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -35,6 +36,7 @@ INPUT_KINDS = {
 }
 
 UNTRAINED = 'untrained'
+LOGGER = logging.getLogger(__name__)
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -82,6 +84,24 @@ class Encoder(abc.ABC):
         self.options = options
         self.weights_identity = UNTRAINED
         self.plugin_id = type(self).__name__
+
+    def _weights_or_untrained(self, weights_name: str, untrained_note: str = '') -> Optional[str]:
+        """Path of the weight file, or None when it is missing and ``allow_untrained`` opted in.
+
+        In the second case ``weights_identity`` becomes 'untrained' and a warning says so. A missing
+        explicit ``weights`` path always raises: the user named a file that is not there.
+        """
+        from .weights import resolve  # weights.py imports this module
+
+        try:
+            return resolve(weights_name, self.weights_path)
+        except FileNotFoundError:
+            if not self.allow_untrained or self.weights_path:
+                raise
+        LOGGER.warning('%s: no weights (%s); running UNTRAINED with random features%s, as requested '
+                       '(allow_untrained)', type(self).__name__, weights_name, untrained_note)
+        self.weights_identity = UNTRAINED
+        return None
 
     @property
     def identity(self) -> str:

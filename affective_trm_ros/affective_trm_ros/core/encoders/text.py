@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import weights as weight_registry
-from .base import UNTRAINED, Encoder, EncodeResult, WeightsFormatError
+from .base import Encoder, EncodeResult, WeightsFormatError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -136,15 +136,9 @@ class EmbeddingGemmaEncoder(_SentenceTransformerEncoder):
                  prompt: str = GEMMA_PROMPT) -> None:
         super().__init__(device=device, weights=weights, allow_untrained=allow_untrained, prompt=prompt)
         self.prompt = prompt
-        try:
-            path = weight_registry.resolve(self.weights_name, weights)
-        except FileNotFoundError:
-            if not allow_untrained or weights:
-                raise
-            LOGGER.warning('EmbeddingGemmaEncoder: no weights (%s); running UNTRAINED with random features '
-                           'and a byte-level vocabulary, as requested (allow_untrained)', self.weights_name)
+        path = self._weights_or_untrained(self.weights_name, ' and a byte-level vocabulary')
+        if path is None:
             self.model = UntrainedEmbeddingGemma().to(self.device).eval()
-            self.weights_identity = UNTRAINED
             return
         self.model = self._load_sentence_transformer(path)
         self.weights_identity = Path(path).name

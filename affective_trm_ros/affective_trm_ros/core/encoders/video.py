@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from . import weights as weight_registry
-from .base import UNTRAINED, Encoder, EncodeResult, WeightsFormatError
+from .base import Encoder, EncodeResult, WeightsFormatError
 from .face import (
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_MIN_FACE_SIZE,
@@ -195,14 +195,8 @@ class HSEmotionEncoder(Encoder):
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def _load_model(self) -> torch.nn.Module:
-        try:
-            path = weight_registry.resolve(self.weights_name, self.weights_path)
-        except FileNotFoundError:
-            if not self.allow_untrained or self.weights_path:
-                raise
-            LOGGER.warning('%s: no weights (%s); running UNTRAINED with random features, as requested '
-                           '(allow_untrained)', type(self).__name__, self.weights_name)
-            self.weights_identity = UNTRAINED
+        path = self._weights_or_untrained(self.weights_name)
+        if path is None:
             return build_efficientnet_b0(None, self.num_outputs, 'random init')
         weight_registry.check_integrity(self.weights_name, path)
         model = build_efficientnet_b0(load_hsemotion_state_dict(path), self.num_outputs, str(path))
