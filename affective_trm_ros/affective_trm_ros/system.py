@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
 
 PACKAGE = 'affective_trm_ros'
 SYSTEM_CONFIG = 'affective_trm.yaml'

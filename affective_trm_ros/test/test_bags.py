@@ -7,7 +7,7 @@ import pytest
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
-from affective_trm_ros.training.bags import (
+from affective_trm_ros.offline.io.bags import (
     AUDIO_DATA_STAMPED,
     AUDIO_INFO,
     EXTRA_MSG_DEFINITIONS,

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from affective_trm_ros.cli import main as cli_main
-from affective_trm_ros.training import sample_sessions as ss
+from affective_trm_ros.offline.synthetic import sample_sessions as ss
 
 pytestmark = [pytest.mark.skipif(not ss.espeak_available(), reason='espeak-ng is not installed'),
               pytest.mark.timeout(900)]

@@ -588,7 +588,7 @@ def test_console_script_runs_the_video_node_as_its_own_process(rclpy_context, ro
 
 def test_video_node_benchmark_reports_the_achieved_rate(tmp_path, capsys):
     pytest.importorskip('skimage')
-    from affective_trm_ros.nodes import video_node_bench
+    from affective_trm_ros.benchmarks import video_node as video_node_bench
 
     out = tmp_path / 'bench.json'
     assert video_node_bench.main(['--plugin', 'tiny_video', '--fps', '20', '--seconds', '1.0',

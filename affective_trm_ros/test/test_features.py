@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from affective_trm_ros.training.features import FeatureStore, InMemoryStore
-from affective_trm_ros.training.splits import make_splits, split_speakers
+from affective_trm_ros.offline.io.feature_store import FeatureStore, InMemoryStore
+from affective_trm_ros.offline.learning.splits import make_splits, split_speakers
 
 SPEC = [
     {'modality': 'audio', 'encoder': 'test_audio', 'dim': 3},

@@ -4,7 +4,7 @@ import argparse
 import json
 
 from affective_trm_ros.core.predictor import FusionPredictor
-from affective_trm_ros.training import fusion_bench
+from affective_trm_ros.benchmarks import fusion as fusion_bench
 
 
 def test_measure_counts_every_released_frame(tmp_path):

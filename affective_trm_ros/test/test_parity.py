@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from affective_trm_ros.core.modalities import FEATURE_ORDER
-from affective_trm_ros.training import sample_sessions as ss
+from affective_trm_ros.offline.synthetic import sample_sessions as ss
 
 pytestmark = [pytest.mark.skipif(not ss.espeak_available(), reason='espeak-ng is not installed'),
               pytest.mark.timeout(600)]
@@ -42,7 +42,7 @@ def checkpoint(tmp_path_factory):
     import torch
 
     from affective_trm_ros.core.checkpoint import save_checkpoint
-    from affective_trm_ros.training.train import build_model
+    from affective_trm_ros.offline.learning.train import build_model
     torch.manual_seed(3)
     model = build_model('trm', {e['modality']: e['dim'] for e in SPEC})
     # non-trivial normalisation, so serving must apply the stored statistics
@@ -53,13 +53,13 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def offline(bag, tmp_path_factory):
-    from affective_trm_ros.training.bag_features import (
+    from affective_trm_ros.offline.extraction.bag import (
         NodeSettings,
         extract_embeddings,
         node_parameters,
         prepare_bag,
     )
-    from affective_trm_ros.training.features import FeatureStore
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
 
     parameters = {node: node_parameters(node, overrides=values) for node, values in OVERRIDES.items()}
     settings = NodeSettings.from_parameters(parameters)

@@ -8,8 +8,8 @@ import pytest
 from scipy.io import wavfile
 
 from affective_trm_ros.core.encoders.base import Encoder, EncodeResult
-from affective_trm_ros.training import crema_d
-from affective_trm_ros.training.crema_d import (
+from affective_trm_ros.offline.extraction import crema_d
+from affective_trm_ros.offline.extraction.crema_d import (
     EMOTION_CENTROIDS,
     SENTENCES,
     clip_label,
@@ -17,10 +17,10 @@ from affective_trm_ros.training.crema_d import (
     parse_clip_name,
     prepare_crema_d,
 )
-from affective_trm_ros.training.extraction import ExtractionConfig, SessionExtractor
-from affective_trm_ros.training.features import FeatureStore
-from affective_trm_ros.training.media import MediaError, load_container_audio, load_wav, read_video_frames
-from affective_trm_ros.training.video_csv import (
+from affective_trm_ros.offline.extraction.pipeline import ExtractionConfig, SessionExtractor
+from affective_trm_ros.offline.io.feature_store import FeatureStore
+from affective_trm_ros.offline.io.media import MediaError, load_container_audio, load_wav, read_video_frames
+from affective_trm_ros.offline.extraction.video_csv import (
     LabelFileError,
     labels_for_frames,
     prepare_video,

@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from affective_trm_ros.training.bag_features import (
+from affective_trm_ros.offline.extraction.bag import (
     BagTopics,
     _match_labels,
     labels_from_csv,
     labels_from_topic,
 )
-from affective_trm_ros.training.bags import (
+from affective_trm_ros.offline.io.bags import (
     IMAGE,
     STRING,
     VALENCE_AROUSAL,
@@ -22,7 +22,7 @@ from affective_trm_ros.training.bags import (
     affective_typestore,
     make_header,
 )
-from affective_trm_ros.training.replay_report import (
+from affective_trm_ros.replay.report import (
     build_replay_report,
     frame_table,
     percentiles_ms,
@@ -47,7 +47,7 @@ def _outputs(frames, skip=()):
 
 
 def test_header_stamp_of_serialized_messages():
-    from affective_trm_ros.nodes.replay_driver import header_stamp_ns
+    from affective_trm_ros.replay.driver import header_stamp_ns
 
     store = affective_typestore()
     image = store.types[IMAGE](header=make_header(T0 + 123, 'cam'), height=1, width=1, encoding='rgb8',

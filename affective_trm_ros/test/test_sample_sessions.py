@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from affective_trm_ros.cli import main as cli_main
-from affective_trm_ros.training import sample_sessions as ss
-from affective_trm_ros.training.bags import BagReader, time_to_ns
+from affective_trm_ros.offline.synthetic import sample_sessions as ss
+from affective_trm_ros.offline.io.bags import BagReader, time_to_ns
 
 needs_espeak = pytest.mark.skipif(not ss.espeak_available(), reason='espeak-ng is not installed')
 DURATION_S = 8.0

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from affective_trm_ros.training.temporal_benchmark import (
+from affective_trm_ros.benchmarks.temporal import (
     TemporalBenchmarkConfig,
     build_store,
     results_markdown,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from affective_trm_ros.core.checkpoint import load_checkpoint
-from affective_trm_ros.training.data import SessionSource, collate, input_statistics, modality_dropout
-from affective_trm_ros.training.evaluate import evaluate_checkpoint, resolve_split, write_report
-from affective_trm_ros.training.features import FeatureStore
-from affective_trm_ros.training.train import TrainConfig, build_model, lr_factor, train
+from affective_trm_ros.offline.learning.data import SessionSource, collate, input_statistics, modality_dropout
+from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoint, resolve_split, write_report
+from affective_trm_ros.offline.io.feature_store import FeatureStore
+from affective_trm_ros.offline.learning.train import TrainConfig, build_model, lr_factor, train
 
 SPEC = [
     {'modality': 'audio', 'encoder': 'test_audio', 'dim': 4},
@@ -224,7 +224,7 @@ def test_truncated_bptt_carries_state_across_windows(store):
 
 
 def test_frame_independent_models_run_as_a_batch_of_frames(store):
-    from affective_trm_ros.training.train import run_sequence
+    from affective_trm_ros.offline.learning.train import run_sequence
 
     model = build_model('seed_trm', store.dims, TINY['seed_trm']).eval()
     batch = collate(SessionSource(store, store.session_ids()[:2]), store.session_ids()[:2])

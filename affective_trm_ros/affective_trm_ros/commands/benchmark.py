@@ -18,9 +18,9 @@ from pathlib import Path
 
 # Sub-benchmarks implemented elsewhere: name -> (module, help).
 EXTERNAL = {
-    'encoders': ('affective_trm_ros.core.encoders.bench', 'time the encoder plugins'),
-    'fusion': ('affective_trm_ros.training.fusion_bench', 'time the fusion pipeline'),
-    'video-node': ('affective_trm_ros.nodes.video_node_bench',
+    'encoders': ('affective_trm_ros.benchmarks.encoders', 'time the encoder plugins'),
+    'fusion': ('affective_trm_ros.benchmarks.fusion', 'time the fusion pipeline'),
+    'video-node': ('affective_trm_ros.benchmarks.video_node',
                    'achieved rate of the video encoder node on a simulated camera'),
 }
 # Warm-up steps before timing: first calls pay for allocations and kernel selection.

@@ -161,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
 
 def choose_encoders(detector: str) -> tuple:
     """Node parameter overrides for the default encoders, and which of them run untrained."""
-    from ..core.encoders import weights as weight_registry
-    from ..core.encoders.base import encoder_class
+    from affective_trm_ros.core.encoders import weights as weight_registry
+    from affective_trm_ros.core.encoders.base import encoder_class
 
     def present(plugin: str) -> bool:
         name = getattr(encoder_class(plugin), 'weights_name', None)
@@ -183,8 +183,8 @@ def choose_encoders(detector: str) -> tuple:
 def run_demo(args: argparse.Namespace, size: DemoSize) -> int:
     import torch
 
-    from ..training.bag_features import bag_files
-    from ..training.sample_sessions import espeak_available
+    from affective_trm_ros.offline.extraction.bag import bag_files
+    from affective_trm_ros.offline.synthetic.sample_sessions import espeak_available
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = Path(args.out)
@@ -250,7 +250,7 @@ def _file_digest(path: Path) -> str:
 
 
 def generate(directory: Path, size: DemoSize, seed: int, progress: bool) -> list:
-    from ..training.sample_sessions import SessionConfig, generate_session, session_is_current
+    from affective_trm_ros.offline.synthetic.sample_sessions import SessionConfig, generate_session, session_is_current
 
     plans = [(f'train_{seed + k:03d}', SessionConfig(duration_s=size.session_s, seed=seed + k, fps=size.fps))
              for k in range(size.train_sessions)]
@@ -270,7 +270,7 @@ def generate(directory: Path, size: DemoSize, seed: int, progress: bool) -> list
 
 
 def _settings(overrides: dict):
-    from ..training.bag_features import NodeSettings, node_parameters
+    from affective_trm_ros.offline.extraction.bag import NodeSettings, node_parameters
 
     parameters = {node: node_parameters(node, overrides=overrides.get(node))
                   for node in ('video_encoder', 'audio_encoder', 'text_encoder', 'fusion')}
@@ -278,14 +278,14 @@ def _settings(overrides: dict):
 
 
 def prepare(out: Path, bags: list, overrides: dict, device: str, progress: bool) -> tuple:
-    from ..training.bag_features import (
+    from affective_trm_ros.offline.extraction.bag import (
         PREPARATION_VERSION,
         bag_files,
         encoder_spec,
         prepare_bag,
         session_id_for,
     )
-    from ..training.features import FeatureStore
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
 
     settings = _settings(overrides)
     key = _key({'version': PREPARATION_VERSION, 'plugins': settings.plugins, 'options': settings.options,
@@ -322,7 +322,7 @@ def prepare(out: Path, bags: list, overrides: dict, device: str, progress: bool)
 
 def train_models(out: Path, store, spec: list, size: DemoSize, seed: int, device: str,
                  progress: bool) -> dict:
-    from ..training.train import TrainConfig, train
+    from affective_trm_ros.offline.learning.train import TrainConfig, train
 
     ids = store.session_ids()
     splits = {'train': ids[:-1], 'val': ids[-1:], 'test': []}
@@ -349,7 +349,7 @@ def train_models(out: Path, store, spec: list, size: DemoSize, seed: int, device
 
 
 def replay(out: Path, bag: Path, checkpoint: Path, overrides: dict, device: str, progress: bool):
-    from .replay import ReplayOptions, replay_bag
+    from affective_trm_ros.commands.replay import ReplayOptions, replay_bag
 
     options = ReplayOptions(device=device, parameters=overrides, record_embeddings=True, progress=progress,
                             title='Main job: held-out replay')
@@ -360,10 +360,10 @@ def offline_baselines(out: Path, outcome, bag: Path, checkpoints: dict, settings
     """Metrics of every model on the held-out features the nodes published (same features for all)."""
     import numpy as np
 
-    from ..core.alignment import align_events, steps_to_arrays
-    from ..training.bag_features import labels_from_topic, ns_to_s
-    from ..training.evaluate import evaluate_checkpoint
-    from ..training.features import FeatureStore
+    from affective_trm_ros.core.alignment import align_events, steps_to_arrays
+    from affective_trm_ros.offline.extraction.bag import labels_from_topic, ns_to_s
+    from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoint
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
 
     events = [(modality, ns_to_s(stamp_ns), data)
               for modality, stamp_ns, _, data, _ in outcome.record.embeddings]
@@ -389,7 +389,7 @@ def offline_baselines(out: Path, outcome, bag: Path, checkpoints: dict, settings
 
 def finish_report(out: Path, outcome, baseline: dict, stages: Stages, size: DemoSize, untrained: dict,
                   overrides: dict, replay_key: str) -> dict:
-    from ..training.replay_report import write_replay_report
+    from affective_trm_ros.replay.report import write_replay_report
 
     report = dict(outcome.report)
     report['baseline'] = baseline
@@ -407,7 +407,7 @@ def _fmt(value: float, digits: int = 3) -> str:
 
 
 def print_table(report: dict, files: dict, stages: Stages) -> None:
-    from ..training.replay_report import untrained_line
+    from affective_trm_ros.replay.report import untrained_line
 
     print('\n' + untrained_line(report['encoders']))
     print(f"\n{'model':45s} {'CCC val':>8s} {'CCC aro':>8s} {'RMSE val':>9s} {'RMSE aro':>9s}")
@@ -431,7 +431,7 @@ def print_table(report: dict, files: dict, stages: Stages) -> None:
 
 def run_live(args: argparse.Namespace) -> int:
     """The nodes with the demo's trained checkpoint on live topics (like `affective-trm run`)."""
-    from . import run as run_command
+    from affective_trm_ros.commands import run as run_command
 
     latest = Path(args.out) / LATEST
     if not latest.is_file():

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.device import DEVICE_CHOICES_HELP
+from affective_trm_ros.core.device import DEVICE_CHOICES_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..training.evaluate import evaluate_checkpoint, metrics_table
-    from ..training.features import FeatureStore
+    from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoint, metrics_table
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
 
     split = list(args.sessions) if args.sessions else args.split
     name = 'custom' if args.sessions else args.split

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..training.sample_sessions import (
+from affective_trm_ros.offline.synthetic.sample_sessions import (
     SessionConfig,
     SpeechSynthesisError,
     espeak_available,

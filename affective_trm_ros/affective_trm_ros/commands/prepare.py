@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.modalities import FEATURE_ORDER
+from affective_trm_ros.core.modalities import FEATURE_ORDER
 
 NODES = {modality: f'{modality}_encoder' for modality in FEATURE_ORDER}
 
@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _settings(args):
     """The nodes' settings (plugins, options, windowing, alignment) with the command-line choices on top."""
-    from ..training.bag_features import NodeSettings, node_parameters
+    from affective_trm_ros.offline.extraction.bag import NodeSettings, node_parameters
 
     parameters = {}
     for modality, node in NODES.items():
@@ -103,13 +103,13 @@ def _settings(args):
 
 
 def _open_store(path: Path, spec: list):
-    from ..training.features import FeatureStore
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
 
     return FeatureStore(path, encoder_spec=spec)
 
 
 def _extractor(settings, encoders):
-    from ..training.extraction import ExtractionConfig, SessionExtractor
+    from affective_trm_ros.offline.extraction.pipeline import ExtractionConfig, SessionExtractor
 
     config = ExtractionConfig(
         audio_window_s=settings.audio.window_s,
@@ -121,7 +121,7 @@ def _extractor(settings, encoders):
 
 
 def run(args) -> int:
-    from ..core.encoders.base import WeightsNotFoundError
+    from affective_trm_ros.core.encoders.base import WeightsNotFoundError
 
     try:
         settings = _settings(args)
@@ -148,7 +148,7 @@ def run(args) -> int:
 
 
 def _crema_d(args, settings, encoders) -> int:
-    from ..training.crema_d import prepare_crema_d
+    from affective_trm_ros.offline.extraction.crema_d import prepare_crema_d
 
     if args.root is None:
         print('prepare crema-d: --root DIR is required', file=sys.stderr)
@@ -172,7 +172,7 @@ def _crema_d(args, settings, encoders) -> int:
 def _video(args, settings, encoders) -> int:
     from tqdm.auto import tqdm
 
-    from ..training.video_csv import discover_pairs, prepare_video
+    from affective_trm_ros.offline.extraction.video_csv import discover_pairs, prepare_video
 
     if args.video is None:
         print('prepare video: --video FILE_OR_DIR is required', file=sys.stderr)
@@ -213,7 +213,7 @@ def _video(args, settings, encoders) -> int:
 
 def _bag(args, settings, encoders) -> int:
     try:
-        from ..training.bag_features import encoder_spec, prepare_bag
+        from affective_trm_ros.offline.extraction.bag import encoder_spec, prepare_bag
     except ImportError as error:
         print(f'prepare bag: rosbag preparation is unavailable ({error})', file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@
 
 The encoder nodes and the fusion node run in this process (the same nodes and parameter files as
 ``affective-trm run``) with ``use_sim_time``; the replay driver node publishes the bag on
-simulated time (see :mod:`affective_trm_ros.nodes.replay_driver`) and records every estimate.
+simulated time (see :mod:`affective_trm_ros.replay.driver`) and records every estimate.
 :func:`replay_bag` is the reusable part (the main job calls it).
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
-from ..training.bag_features import BagTopics, labels_from_csv, labels_from_topic
-from ..training.bags import (
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+from affective_trm_ros.offline.extraction.bag import BagTopics, labels_from_csv, labels_from_topic
+from affective_trm_ros.offline.io.bags import (
     AUDIO_DATA,
     AUDIO_DATA_STAMPED,
     AUDIO_INFO,
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .run import parse_assignments
+    from affective_trm_ros.commands.run import parse_assignments
 
     try:
         options = ReplayOptions(
@@ -185,10 +185,10 @@ def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] =
     import rclpy
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 
-    from ..core.checkpoint import load_checkpoint
-    from ..nodes.replay_driver import ReplayDriver, ReplayInput
-    from ..training.replay_report import build_replay_report, frame_table, write_replay_report
-    from .run import create_nodes
+    from affective_trm_ros.core.checkpoint import load_checkpoint
+    from affective_trm_ros.replay.driver import ReplayDriver, ReplayInput
+    from affective_trm_ros.replay.report import build_replay_report, frame_table, write_replay_report
+    from affective_trm_ros.commands.run import create_nodes
 
     options = options or ReplayOptions()
     bag_path, checkpoint, out_dir = Path(bag_path), Path(checkpoint), Path(out_dir)

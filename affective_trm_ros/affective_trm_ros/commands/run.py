@@ -19,7 +19,7 @@ from typing import Optional
 
 import yaml
 
-from ..system import (
+from affective_trm_ros.system import (
     NODES_BY_NAME,
     SYSTEM_CONFIG,
     TOPIC_ARGUMENTS,
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     import rclpy
 
-    from ..nodes.common import spin_nodes
+    from affective_trm_ros.nodes.common import spin_nodes
 
     rclpy.init()
     try:

@@ -6,7 +6,7 @@
 
 Streams follow a smooth latent valence/arousal process; video shows it only in stretches, audio
 carries only its rate of change and text a stale valence, so recovering the present needs the
-past (see :mod:`affective_trm_ros.training.temporal_benchmark`). Every model is trained by the
+past (see :mod:`affective_trm_ros.benchmarks.temporal`). Every model is trained by the
 same harness as ``affective-trm train``; the table reports held-out streams. Seeded.
 """
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..training.temporal_benchmark import DEFAULT_MODEL_CONFIGS, MODEL_ORDER, TemporalBenchmarkConfig
+from affective_trm_ros.benchmarks.temporal import DEFAULT_MODEL_CONFIGS, MODEL_ORDER, TemporalBenchmarkConfig
 
 # Torch threads: tiny per-frame matrix products gain nothing from more on a shared 2-core machine.
 DEFAULT_THREADS = 1
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    from ..training.temporal_benchmark import results_markdown, run_temporal_benchmark
+    from affective_trm_ros.benchmarks.temporal import results_markdown, run_temporal_benchmark
 
     torch.set_num_threads(max(1, args.threads))
     try:

@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from ..core.checkpoint import KINDS
-from ..core.device import DEVICE_CHOICES_HELP
+from affective_trm_ros.core.checkpoint import KINDS
+from affective_trm_ros.core.device import DEVICE_CHOICES_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.train import TrainConfig
+    from affective_trm_ros.offline.learning.train import TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument(
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from ..training.train import TrainConfig
+    from affective_trm_ros.offline.learning.train import TrainConfig
 
     try:
         model_config = json.loads(args.model_config)
@@ -121,8 +121,8 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..training.features import FeatureStore
-    from ..training.train import train
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
+    from affective_trm_ros.offline.learning.train import train
 
     try:
         config = config_from_args(args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..core.encoders import weights as registry
+from affective_trm_ros.core.encoders import weights as registry
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .modalities import AUDIO, FEATURE_ORDER, MODALITY_BITS, TEXT, VIDEO
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, MODALITY_BITS, TEXT, VIDEO
 
 #: Reasons a frame left the aligner (AlignedStep.released_by).
 RELEASED_BY_AUDIO = 'audio'        # the audio watermark passed t + audio_slop_s

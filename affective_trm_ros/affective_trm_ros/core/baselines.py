@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .trm import CERTAINTY_BIAS_INIT, DEFAULT_MODALITY_DIMS, FusionModel, validate_modality_dims
+from affective_trm_ros.core.trm import CERTAINTY_BIAS_INIT, DEFAULT_MODALITY_DIMS, FusionModel, validate_modality_dims
 
 
 @dataclass

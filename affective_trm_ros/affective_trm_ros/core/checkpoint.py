@@ -29,10 +29,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .baselines import MODEL_CLASSES, baseline_config_from_dict
-from .device import resolve_device
-from .modalities import DEFAULT_ENCODERS, FEATURE_ORDER
-from .trm import DEFAULT_MODALITY_DIMS, FusionModel, SeedTRM, TRMConfig, build_model, config_from_dict
+from affective_trm_ros.core.baselines import MODEL_CLASSES, baseline_config_from_dict
+from affective_trm_ros.core.device import resolve_device
+from affective_trm_ros.core.modalities import DEFAULT_ENCODERS, FEATURE_ORDER
+from affective_trm_ros.core.trm import DEFAULT_MODALITY_DIMS, FusionModel, SeedTRM, TRMConfig, build_model, config_from_dict
 
 CHECKPOINT_FORMAT = 'affective_trm_checkpoint'
 CHECKPOINT_VERSION = 1

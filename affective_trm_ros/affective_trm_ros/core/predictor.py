@@ -10,9 +10,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import LoadedCheckpoint, check_encoder_spec, load_checkpoint
-from .device import resolve_device
-from .trm import FusionModel, clone_state, split_state, stack_states
+from affective_trm_ros.core.checkpoint import LoadedCheckpoint, check_encoder_spec, load_checkpoint
+from affective_trm_ros.core.device import resolve_device
+from affective_trm_ros.core.trm import FusionModel, clone_state, split_state, stack_states
 
 
 class FusionPredictor:

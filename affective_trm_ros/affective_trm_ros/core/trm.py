@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modalities import FEATURE_ORDER
+from affective_trm_ros.core.modalities import FEATURE_ORDER
 
 # Dimensions of the default encoders (dasheng_base, hsemotion_enet_b0, embeddinggemma) in FEATURE_ORDER.
 DEFAULT_MODALITY_DIMS = {'audio': 768, 'video': 1280, 'text': 768}

@@ -15,7 +15,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .modalities import MODALITY_BITS
+from affective_trm_ros.core.modalities import MODALITY_BITS
 
 # Chip labels in display order (the order people read: face, voice, words).
 CHIPS = (('video', 'VID'), ('audio', 'AUD'), ('text', 'TXT'))

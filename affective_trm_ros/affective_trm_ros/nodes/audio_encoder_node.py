@@ -18,10 +18,10 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.time import Time
 
-from ..core import audio as audio_core
-from ..core.modalities import AUDIO
-from .common import LATCHED_QOS, SENSOR_QOS, add_validator, declare, run_node
-from .encoder_node_base import EncoderNode, validate_common
+from affective_trm_ros.core import audio as audio_core
+from affective_trm_ros.core.modalities import AUDIO
+from affective_trm_ros.nodes.common import LATCHED_QOS, SENSOR_QOS, add_validator, declare, run_node
+from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
 
 INPUT_TYPES = ('stamped', 'unstamped')
 # Windows waiting for the encoder before the oldest is dropped: 10 s of audio at the default hop.

@@ -23,9 +23,9 @@ from rclpy.node import Node
 
 from affective_msgs.msg import ModalityEmbedding
 
-from ..core.encoders.base import load_encoder
-from ..core.modalities import DEFAULT_ENCODERS
-from .common import RELIABLE_QOS, Diagnostics, LatencyWindow, RateMeter, ThrottledWarning, declare
+from affective_trm_ros.core.encoders.base import load_encoder
+from affective_trm_ros.core.modalities import DEFAULT_ENCODERS
+from affective_trm_ros.nodes.common import RELIABLE_QOS, Diagnostics, LatencyWindow, RateMeter, ThrottledWarning, declare
 
 # How long destroy_node waits for an inference in progress before giving up on the worker thread.
 WORKER_JOIN_TIMEOUT_S = 10.0
@@ -185,7 +185,7 @@ class EncoderNode(Node):
 
     def load_plugin(self, defaults: dict) -> None:
         """Instantiate the configured plugin; ``defaults`` are node settings offered to it."""
-        from ..core.encoders.base import encoder_class
+        from affective_trm_ros.core.encoders.base import encoder_class
 
         p = self.params
         plugin_cls = encoder_class(p['plugin'])

@@ -29,10 +29,10 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from affective_msgs.msg import ModalityEmbedding, ValenceArousal
 from affective_msgs.srv import ResetState
 
-from ..core.alignment import AlignmentConfig, StreamAligner, embedding_mismatch
-from ..core.device import DEVICE_CHOICES_HELP
-from ..core.modalities import AUDIO, FEATURE_ORDER, MODALITY_BITS, TEXT, VIDEO, bits_to_names
-from .common import RELIABLE_QOS, Diagnostics, LatencyWindow, RateMeter, add_validator, declare, run_node
+from affective_trm_ros.core.alignment import AlignmentConfig, StreamAligner, embedding_mismatch
+from affective_trm_ros.core.device import DEVICE_CHOICES_HELP
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, MODALITY_BITS, TEXT, VIDEO, bits_to_names
+from affective_trm_ros.nodes.common import RELIABLE_QOS, Diagnostics, LatencyWindow, RateMeter, add_validator, declare, run_node
 
 NODE_NAME = 'fusion'
 SYNC_POLICIES = ('video_clocked', 'approximate')
@@ -66,7 +66,7 @@ class FusionNode(Node):
         _check_static_parameters(params)
         self._alignment = AlignmentConfig.from_parameters(params)  # fails early on bad values
 
-        from ..core.predictor import FusionPredictor  # torch import: only when a node is built
+        from affective_trm_ros.core.predictor import FusionPredictor  # torch import: only when a node is built
         self._predictor = FusionPredictor(params['checkpoint'], device=params['device'])
         self._expected = {entry['modality']: entry for entry in self._predictor.encoder_spec}
         self._used = tuple(m for m in params['modalities'] if m in self._expected)

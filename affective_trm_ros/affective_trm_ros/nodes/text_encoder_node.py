@@ -14,10 +14,10 @@ from typing import Optional
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from std_msgs.msg import String
 
-from ..core.modalities import TEXT
-from ..core.utterance import DEFAULT_MAX_TEXT_CHARS, prepare_utterance
-from .common import LATCHED_QOS, RELIABLE_QOS, add_validator, declare, run_node
-from .encoder_node_base import EncoderNode, validate_common
+from affective_trm_ros.core.modalities import TEXT
+from affective_trm_ros.core.utterance import DEFAULT_MAX_TEXT_CHARS, prepare_utterance
+from affective_trm_ros.nodes.common import LATCHED_QOS, RELIABLE_QOS, add_validator, declare, run_node
+from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
 
 # Utterances waiting for the encoder before the oldest is dropped; speech is sparse, so this only
 # fills when something floods the topic.

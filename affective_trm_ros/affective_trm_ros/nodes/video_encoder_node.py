@@ -14,11 +14,11 @@ from typing import Optional
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
 
-from ..core import image as image_conversion
-from ..core.encoders.face import DEFAULT_MIN_CONFIDENCE, DEFAULT_MIN_FACE_SIZE, DETECTORS
-from ..core.modalities import VIDEO
-from .common import SENSOR_QOS, add_validator, declare, run_node
-from .encoder_node_base import EncoderNode, validate_common
+from affective_trm_ros.core import image as image_conversion
+from affective_trm_ros.core.encoders.face import DEFAULT_MIN_CONFIDENCE, DEFAULT_MIN_FACE_SIZE, DETECTORS
+from affective_trm_ros.core.modalities import VIDEO
+from affective_trm_ros.nodes.common import SENSOR_QOS, add_validator, declare, run_node
+from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
 
 # Default processing cap: the fusion is clocked by video and the seed data are 30 FPS.
 DEFAULT_MAX_RATE_HZ = 30.0

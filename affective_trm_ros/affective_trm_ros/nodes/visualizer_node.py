@@ -22,9 +22,9 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from affective_msgs.msg import ValenceArousal
 
-from ..core import image as image_conversion
-from ..core.va_overlay import Estimate, draw_va_overlay
-from .common import RELIABLE_QOS, SENSOR_QOS, Diagnostics, RateMeter, ThrottledWarning, declare, run_node
+from affective_trm_ros.core import image as image_conversion
+from affective_trm_ros.core.va_overlay import Estimate, draw_va_overlay
+from affective_trm_ros.nodes.common import RELIABLE_QOS, SENSOR_QOS, Diagnostics, RateMeter, ThrottledWarning, declare, run_node
 
 NODE_NAME = 'visualizer'
 TRANSPORTS = ('raw', 'compressed')

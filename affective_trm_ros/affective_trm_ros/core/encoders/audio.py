@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import Encoder, EncodeResult, WeightsFormatError
+from affective_trm_ros.core.encoders.base import Encoder, EncodeResult, WeightsFormatError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from ..device import resolve_device
+from affective_trm_ros.core.device import resolve_device
 
 ENTRY_POINT_GROUP = 'affective_trm_ros.encoders'
 ENCODER_API_VERSION = 1
@@ -91,7 +91,7 @@ class Encoder(abc.ABC):
         In the second case ``weights_identity`` becomes 'untrained' and a warning says so. A missing
         explicit ``weights`` path always raises: the user named a file that is not there.
         """
-        from .weights import resolve  # weights.py imports this module
+        from affective_trm_ros.core.encoders.weights import resolve  # weights.py imports this module
 
         try:
             return resolve(weights_name, self.weights_path)

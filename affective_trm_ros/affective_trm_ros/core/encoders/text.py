@@ -21,8 +21,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import weights as weight_registry
-from .base import Encoder, EncodeResult, WeightsFormatError
+from affective_trm_ros.core.encoders import weights as weight_registry
+from affective_trm_ros.core.encoders.base import Encoder, EncodeResult, WeightsFormatError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import weights as weight_registry
-from .base import Encoder, EncodeResult, WeightsFormatError
-from .face import (
+from affective_trm_ros.core.encoders import weights as weight_registry
+from affective_trm_ros.core.encoders.base import Encoder, EncodeResult, WeightsFormatError
+from affective_trm_ros.core.encoders.face import (
     DEFAULT_MIN_CONFIDENCE,
     DEFAULT_MIN_FACE_SIZE,
     DETECTORS,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .base import WeightsNotFoundError
+from affective_trm_ros.core.encoders.base import WeightsNotFoundError
 
 LOGGER = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..core.baselines import GRUConfig, MLPConfig
-from ..core.checkpoint import KINDS, build_from_kind, load_checkpoint, save_checkpoint
-from ..core.device import resolve_device
-from ..core.metrics import regression_report
-from ..core.trm import TRMConfig, detach_state
-from .data import SessionSource, batches_by_length, collate, input_statistics, modality_dropout
-from .losses import CCCMSELoss
-from .splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, make_splits, split_speakers
+from affective_trm_ros.core.baselines import GRUConfig, MLPConfig
+from affective_trm_ros.core.checkpoint import KINDS, build_from_kind, load_checkpoint, save_checkpoint
+from affective_trm_ros.core.device import resolve_device
+from affective_trm_ros.core.metrics import regression_report
+from affective_trm_ros.core.trm import TRMConfig, detach_state
+from affective_trm_ros.offline.learning.data import SessionSource, batches_by_length, collate, input_statistics, modality_dropout
+from affective_trm_ros.offline.learning.losses import CCCMSELoss
+from affective_trm_ros.offline.learning.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, make_splits, split_speakers
 
 CHECKPOINT_NAME = 'best.pt'
 HISTORY_NAME = 'history.csv'
@@ -457,7 +457,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         if epochs_without_gain >= config.patience and epoch >= config.min_epochs:
             break
     if config.plots:
-        from .plots import plot_curves, plot_va_plane
+        from affective_trm_ros.offline.evaluation.plots import plot_curves, plot_va_plane
 
         plot_curves(history, out_dir / 'curves.png')
         best = load_checkpoint(checkpoint_path, device=str(device)).model

@@ -2,7 +2,7 @@
 
 Input is what a replay recorded (every ``ValenceArousal`` with its arrival wall time, and when each
 frame was published); output is ``report.json``/``report.md`` with the plots (written by
-:func:`affective_trm_ros.training.evaluate.write_report`), ``estimates.csv`` (one row per video
+:func:`affective_trm_ros.offline.evaluation.evaluate.write_report`), ``estimates.csv`` (one row per video
 frame) and ``estimates_bag/`` (an MCAP bag of the estimates and the ground truth, for Foxglove,
 PlotJuggler or ``ros2 bag play``). No rclpy here.
 """
@@ -19,8 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.metrics import regression_report
-from .bags import VALENCE_AROUSAL, BagWriter, affective_typestore, make_header
+from affective_trm_ros.core.metrics import regression_report
+from affective_trm_ros.offline.io.bags import VALENCE_AROUSAL, BagWriter, affective_typestore, make_header
 
 ESTIMATES_CSV = 'estimates.csv'
 ESTIMATES_BAG = 'estimates_bag'
@@ -190,7 +190,7 @@ def write_estimates_bag(path: Path, table: FrameTable, stream_id: str = 'default
 def write_replay_report(out_dir: str | Path, table: FrameTable, report: dict, *, title: str,
                         session: str = 'replay') -> dict:
     """Write CSV, bag, report.json, report.md (first line: untrained encoders) and the plots."""
-    from .evaluate import REPORT_JSON, REPORT_MD, write_report
+    from affective_trm_ros.offline.evaluation.evaluate import REPORT_JSON, REPORT_MD, write_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -59,13 +59,13 @@ def _percentiles(values) -> dict:
 
 
 def _predictor(args):
-    from ..core.predictor import FusionPredictor
+    from affective_trm_ros.core.predictor import FusionPredictor
     if args.checkpoint:
         return FusionPredictor(args.checkpoint, device=args.device)
     import torch
 
-    from ..core.modalities import DEFAULT_ENCODERS, FEATURE_ORDER
-    from ..core.trm import TRMConfig, build_model
+    from affective_trm_ros.core.modalities import DEFAULT_ENCODERS, FEATURE_ORDER
+    from affective_trm_ros.core.trm import TRMConfig, build_model
     torch.manual_seed(0)
     config = TRMConfig()
     spec = [{'modality': m, 'encoder': DEFAULT_ENCODERS[m], 'dim': config.modality_dims[m]}
@@ -77,8 +77,8 @@ def measure(predictor, streams: int = 1, fps: float = DEFAULT_FPS, seconds: floa
             pace: bool = True, audio_hop_s: float = DEFAULT_AUDIO_HOP_S,
             text_every_s: float = DEFAULT_TEXT_EVERY_S, alignment=None) -> dict:
     """Run the pipeline over ``seconds`` of synthetic input; timing lists in seconds and counters."""
-    from ..core.alignment import AlignmentConfig, StreamAligner
-    from ..core.modalities import AUDIO, TEXT, VIDEO
+    from affective_trm_ros.core.alignment import AlignmentConfig, StreamAligner
+    from affective_trm_ros.core.modalities import AUDIO, TEXT, VIDEO
 
     rng = np.random.default_rng(0)
     dims = predictor.dims

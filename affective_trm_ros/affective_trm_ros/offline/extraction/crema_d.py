@@ -168,7 +168,7 @@ def prepare_crema_d(
     """
     from tqdm.auto import tqdm
 
-    from .media import load_wav, read_video_frames
+    from affective_trm_ros.offline.io.media import load_wav, read_video_frames
 
     clips, problems = discover_clips(root)
     if limit is not None:

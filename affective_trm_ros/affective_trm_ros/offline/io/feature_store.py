@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.modalities import FEATURE_ORDER
+from affective_trm_ros.core.modalities import FEATURE_ORDER
 
 STORE_FORMAT = 'affective_trm_feature_store'
 STORE_VERSION = 1

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..device import DEVICE_CHOICES_HELP
-from .base import load_encoder
+from affective_trm_ros.core.device import DEVICE_CHOICES_HELP
+from affective_trm_ros.core.encoders.base import load_encoder
 
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3            # first calls pay for allocations and kernel selection

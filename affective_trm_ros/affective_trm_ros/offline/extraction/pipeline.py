@@ -24,16 +24,16 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.alignment import AlignmentConfig, align_events, steps_to_arrays
-from ..core.audio import (
+from affective_trm_ros.core.alignment import AlignmentConfig, align_events, steps_to_arrays
+from affective_trm_ros.core.audio import (
     DEFAULT_HOP_S,
     DEFAULT_SILENCE_THRESHOLD_DBFS,
     DEFAULT_WINDOW_S,
     AudioWindower,
     embed_windows,
 )
-from ..core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
-from ..core.utterance import prepare_utterance
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+from affective_trm_ros.core.utterance import prepare_utterance
 
 # Frames per video encode_batch call: large enough to amortise the model call, small enough
 # that a batch of 640x480 frames stays well under 100 MB.

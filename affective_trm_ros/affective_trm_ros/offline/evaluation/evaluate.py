@@ -16,12 +16,12 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..core.checkpoint import check_encoder_spec, load_checkpoint
-from ..core.device import resolve_device
-from ..core.metrics import DIMENSIONS, regression_report
-from .data import SessionSource
-from .splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLIT_NAMES, make_splits
-from .train import predict_sessions, to_json_compatible
+from affective_trm_ros.core.checkpoint import check_encoder_spec, load_checkpoint
+from affective_trm_ros.core.device import resolve_device
+from affective_trm_ros.core.metrics import DIMENSIONS, regression_report
+from affective_trm_ros.offline.learning.data import SessionSource
+from affective_trm_ros.offline.learning.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLIT_NAMES, make_splits
+from affective_trm_ros.offline.learning.train import predict_sessions, to_json_compatible
 
 # Sessions plotted over time in a report (the first N in id order); more would bloat the folder.
 DEFAULT_MAX_TIMESERIES = 4
@@ -163,7 +163,7 @@ def write_report(
     or single arrays for one stream. ``report`` needs a ``'metrics'`` entry (a regression_report);
     other entries are copied to the JSON as they are. Returns {name: path} of the written files.
     """
-    from .plots import plot_timeseries, plot_va_plane
+    from affective_trm_ros.offline.evaluation.plots import plot_timeseries, plot_va_plane
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

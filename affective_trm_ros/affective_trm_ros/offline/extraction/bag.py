@@ -7,7 +7,7 @@ nodes stamp theirs (image stamp; audio window end; the speech message's log time
 simulated clock time at which a replayed text message arrives). :func:`prepare_bag` aligns them
 with the fusion node's policy (``core.alignment``), attaches labels (a ground-truth
 ``ValenceArousal`` topic or a per-frame CSV) and writes one session into a
-:class:`~affective_trm_ros.training.features.FeatureStore`. Features prepared here equal the
+:class:`~affective_trm_ros.offline.io.feature_store.FeatureStore`. Features prepared here equal the
 embeddings the nodes publish while the bag is replayed (tested).
 
 A session already in the store with the same preparation fingerprint (bag, topics, encoders,
@@ -28,8 +28,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..core.alignment import AlignmentConfig, align_events, steps_to_arrays
-from ..core.audio import (
+from affective_trm_ros.core.alignment import AlignmentConfig, align_events, steps_to_arrays
+from affective_trm_ros.core.audio import (
     DEFAULT_HOP_S,
     DEFAULT_SILENCE_THRESHOLD_DBFS,
     DEFAULT_WINDOW_S,
@@ -38,11 +38,11 @@ from ..core.audio import (
     AudioStreamProcessor,
     embed_windows,
 )
-from ..core.encoders.base import Encoder, load_encoder
-from ..core.image import ImageDecodeError, compressed_to_rgb, image_to_rgb
-from ..core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
-from ..core.utterance import prepare_utterance
-from .bags import (
+from affective_trm_ros.core.encoders.base import Encoder, load_encoder
+from affective_trm_ros.core.image import ImageDecodeError, compressed_to_rgb, image_to_rgb
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+from affective_trm_ros.core.utterance import prepare_utterance
+from affective_trm_ros.offline.io.bags import (
     AUDIO_DATA,
     AUDIO_DATA_STAMPED,
     COMPRESSED_IMAGE,
@@ -53,7 +53,7 @@ from .bags import (
     BagReader,
     time_to_ns,
 )
-from .features import FeatureStore
+from affective_trm_ros.offline.io.feature_store import FeatureStore
 
 PREPARATION_VERSION = 1  # bump when the same inputs would give different features
 # Frames are encoded in batches of this size offline (the node encodes one at a time; plugins give
@@ -147,7 +147,7 @@ def node_parameters(node: str, system_config=None, overrides: Optional[Mapping[s
     """
     import yaml
 
-    from ..system import NODES_BY_NAME, SYSTEM_CONFIG, config_dir, parameter_files
+    from affective_trm_ros.system import NODES_BY_NAME, SYSTEM_CONFIG, config_dir, parameter_files
 
     directory = Path(config_directory) if config_directory else config_dir()
     system_config = Path(system_config) if system_config else directory / SYSTEM_CONFIG
@@ -177,7 +177,7 @@ class NodeSettings:
     def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any]],
                         modalities=FEATURE_ORDER) -> NodeSettings:
         """From effective node parameters: {'video_encoder': {...}, 'audio_encoder': {...}, ...}."""
-        from ..core.encoders.base import encoder_class
+        from affective_trm_ros.core.encoders.base import encoder_class
 
         plugins, options, untrained, weights = {}, {}, {}, {}
         for modality in modalities:
@@ -402,7 +402,7 @@ def labels_from_csv(csv_path: str | Path, video_stamps_ns: Sequence[int],
 
     Frames without a row are unlabelled (NaN); so are values outside [-1, 1].
     """
-    from .video_csv import labels_for_frames, read_label_csv
+    from affective_trm_ros.offline.extraction.video_csv import labels_for_frames, read_label_csv
 
     path = Path(csv_path)
     video = np.asarray(video_stamps_ns, np.int64)

@@ -13,7 +13,7 @@ dimension, squashed into [-0.9, 0.9]) are observed through three noisy modalitie
 Between video stretches, the current state can only be recovered by remembering the last video
 reading and integrating the audio-borne changes since then. A memoryless model sees the
 derivative and a stale valence only, so it cannot; a stateful one can. Every model is trained by
-the same :func:`~affective_trm_ros.training.train.train` harness on the training streams and
+the same :func:`~affective_trm_ros.offline.learning.train.train` harness on the training streams and
 scored on held-out streams with the same metrics as real evaluations.
 """
 
@@ -29,11 +29,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.checkpoint import load_checkpoint
-from ..core.metrics import regression_report
-from ..core.trm import DEFAULT_MODALITY_DIMS
-from .features import InMemoryStore
-from .train import TrainConfig, predict_sessions, to_json_compatible, train
+from affective_trm_ros.core.checkpoint import load_checkpoint
+from affective_trm_ros.core.metrics import regression_report
+from affective_trm_ros.core.trm import DEFAULT_MODALITY_DIMS
+from affective_trm_ros.offline.io.feature_store import InMemoryStore
+from affective_trm_ros.offline.learning.train import TrainConfig, predict_sessions, to_json_compatible, train
 
 # Feature sizes of the default (fast) variant; --full-dims uses the real encoders' sizes.
 SMALL_DIMS = {'audio': 16, 'video': 32, 'text': 16}
@@ -215,7 +215,7 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
     """
     import torch
 
-    from .data import SessionSource
+    from affective_trm_ros.offline.learning.data import SessionSource
 
     config = dataclasses.replace(config or TemporalBenchmarkConfig(), **overrides)
     started = time.perf_counter()

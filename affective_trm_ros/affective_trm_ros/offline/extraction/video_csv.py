@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .media import MediaError, load_container_audio, load_wav, read_video_frames
+from affective_trm_ros.offline.io.media import MediaError, load_container_audio, load_wav, read_video_frames
 
 VIDEO_SUFFIXES = ('.mp4', '.avi', '.mkv', '.mov', '.flv', '.webm', '.mpg', '.mpeg')
 # Label rows are matched to frames within this fraction of the label spacing.
@@ -179,7 +179,7 @@ def prepare_video(
     when given, else the container's audio track; a video without audio is kept with audio masked
     only when no audio encoder is configured.
     """
-    from ..core.modalities import AUDIO
+    from affective_trm_ros.core.modalities import AUDIO
 
     session_id = session_id or session_id_for(video_path)
     if store.has(session_id) and not overwrite:

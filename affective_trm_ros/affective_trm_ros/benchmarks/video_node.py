@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     from affective_msgs.msg import ModalityEmbedding
 
-    from .common import RELIABLE_QOS, LatencyWindow
-    from .video_encoder_node import VideoEncoderNode
+    from affective_trm_ros.nodes.common import RELIABLE_QOS, LatencyWindow
+    from affective_trm_ros.nodes.video_encoder_node import VideoEncoderNode
 
     torch.set_num_threads(args.threads)
     pixels = face_frame(args.width, args.height)

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..core.trm import MIN_FEATURE_STD
+from affective_trm_ros.core.trm import MIN_FEATURE_STD
 
 # Sessions are sorted by length inside pools of this many batches, so batches pad little while
 # their order stays random.

@@ -38,9 +38,9 @@ from rosgraph_msgs.msg import Clock
 
 from affective_msgs.msg import ModalityEmbedding, ValenceArousal
 
-from ..core import audio as audio_core
-from ..core.modalities import AUDIO, TEXT, VIDEO
-from .common import LATCHED_QOS
+from affective_trm_ros.core import audio as audio_core
+from affective_trm_ros.core.modalities import AUDIO, TEXT, VIDEO
+from affective_trm_ros.nodes.common import LATCHED_QOS
 
 # Raw inputs the driver publishes (role -> node input topic default).
 ROLE_IMAGE, ROLE_COMPRESSED, ROLE_AUDIO, ROLE_AUDIO_INFO, ROLE_SPEECH = (

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from scipy.signal import resample_poly
 
-from .bags import (
+from affective_trm_ros.offline.io.bags import (
     AUDIO_DATA_STAMPED,
     AUDIO_INFO,
     IMAGE,
