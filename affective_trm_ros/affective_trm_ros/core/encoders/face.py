@@ -1,20 +1,25 @@
-"""Face detectors for the video encoders: find the largest face in an RGB frame and crop it.
+"""Face detectors for the video encoders: find the faces in an RGB frame and crop them.
 
-Two detectors share one small interface (``detect(rgb) -> FaceBox | None``):
+Two detectors share one small interface: ``detect_all(rgb) -> list[FaceBox]`` (every face, largest
+first) and ``detect(rgb) -> FaceBox | None`` (the largest):
 
 * ``mtcnn`` — MTCNN from ``facenet-pytorch`` (its weights ship inside the package); accurate, and
   what the HSEmotion demos use.
 * ``haar`` — OpenCV's frontal-face Haar cascade (the XML ships with OpenCV 4); much lighter, fewer
   detections on rotated or poorly lit faces.
 
-Both return the largest face, because a robot usually attends to the nearest person.
+``detect`` returns the largest face, because a robot usually attends to the nearest person.
+
+Face-crop encoders: a video encoder that can also encode face crops cut by someone else (the
+tracked video pipeline, or ROS4HRI's aligned faces) implements :class:`FaceCropEncoder`'s
+``encode_faces``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -57,6 +62,25 @@ def largest(boxes: list) -> Optional[FaceBox]:
     return max(boxes, key=lambda box: box.area) if boxes else None
 
 
+def by_size(boxes: list) -> list:
+    """Faces largest first."""
+    return sorted(boxes, key=lambda box: box.area, reverse=True)
+
+
+@runtime_checkable
+class FaceCropEncoder(Protocol):
+    """A video encoder that also encodes face crops (the contract of the tracked video pipeline).
+
+    ``encode_faces(crops)`` takes a list of (h, w, 3) uint8 RGB face crops, already cut from their
+    frames (with the margin the caller chose), and returns an ``EncodeResult`` with one row per crop,
+    equal to what ``encode_batch`` computes for a frame whose detected face is that crop. Every crop
+    is a face, so rows are valid unless the encoder's output is unusable.
+    """
+
+    def encode_faces(self, crops: list):
+        ...
+
+
 def crop_face(rgb: np.ndarray, box: FaceBox, margin: float = 0.0) -> np.ndarray:
     """Crop ``box`` grown by ``margin`` x its width/height on each side, clipped to the frame."""
     if margin < 0:
@@ -72,7 +96,7 @@ def crop_face(rgb: np.ndarray, box: FaceBox, margin: float = 0.0) -> np.ndarray:
 
 
 class MTCNNDetector:
-    """MTCNN (facenet-pytorch); keeps every face above ``min_confidence`` and returns the largest."""
+    """MTCNN (facenet-pytorch); keeps every face above ``min_confidence``."""
 
     name = 'mtcnn'
 
@@ -86,19 +110,21 @@ class MTCNNDetector:
         self._mtcnn.eval()
 
     def detect(self, rgb: np.ndarray) -> Optional[FaceBox]:
+        return largest(self.detect_all(rgb))
+
+    def detect_all(self, rgb: np.ndarray) -> list:
         if min(rgb.shape[:2]) < self.min_face_size:
-            return None  # no face of the minimum size fits (and MTCNN's image pyramid would be empty)
+            return []  # no face of the minimum size fits (and MTCNN's image pyramid would be empty)
         with torch.inference_mode():
             boxes, probs = self._mtcnn.detect(np.ascontiguousarray(rgb))
         if boxes is None:
-            return None
-        faces = [FaceBox(*map(float, box), score=float(prob))
-                 for box, prob in zip(boxes, probs) if prob is not None and prob >= self.min_confidence]
-        return largest(faces)
+            return []
+        return by_size([FaceBox(*map(float, box), score=float(prob))
+                        for box, prob in zip(boxes, probs) if prob is not None and prob >= self.min_confidence])
 
 
 class HaarDetector:
-    """OpenCV's frontal-face Haar cascade on the grey image; returns the largest face."""
+    """OpenCV's frontal-face Haar cascade on the grey image."""
 
     name = 'haar'
 
@@ -120,11 +146,14 @@ class HaarDetector:
         self.min_neighbors = int(min_neighbors)
 
     def detect(self, rgb: np.ndarray) -> Optional[FaceBox]:
+        return largest(self.detect_all(rgb))
+
+    def detect_all(self, rgb: np.ndarray) -> list:
         grey = self._cv2.cvtColor(np.ascontiguousarray(rgb), self._cv2.COLOR_RGB2GRAY)
         found = self._cascade.detectMultiScale(grey, scaleFactor=self.scale_factor,
                                                minNeighbors=self.min_neighbors,
                                                minSize=(self.min_face_size, self.min_face_size))
-        return largest([FaceBox(float(x), float(y), float(x + w), float(y + h)) for x, y, w, h in found])
+        return by_size([FaceBox(float(x), float(y), float(x + w), float(y + h)) for x, y, w, h in found])
 
 
 def make_detector(name: str, device: torch.device, min_face_size: int = DEFAULT_MIN_FACE_SIZE,
