@@ -254,12 +254,19 @@ class EncoderNode(Node):
         self.input_rate.tick()
         self.worker.submit(item)
 
-    def publish_embedding(self, stamp, frame_id: str, vector: Optional[np.ndarray]) -> None:
-        """Publish one embedding; ``vector=None`` publishes ``valid=false`` with empty data."""
+    def publish_embedding(self, stamp, frame_id: str, vector: Optional[np.ndarray],
+                          stream_id: Optional[str] = None, **fields: Any) -> None:
+        """Publish one embedding; ``vector=None`` publishes ``valid=false`` with empty data.
+
+        ``stream_id`` overrides the parameter (one stream per tracked face); ``fields`` sets further
+        message fields by name (``roi``, ``expression_classes``, ...).
+        """
         msg = ModalityEmbedding()
         msg.header.stamp = stamp
         msg.header.frame_id = self.params['frame_id'] or frame_id or ''
-        msg.stream_id = self.params['stream_id']
+        msg.stream_id = self.params['stream_id'] if stream_id is None else stream_id
+        for name, value in fields.items():
+            setattr(msg, name, value)
         msg.modality = self.modality
         msg.encoder = self.encoder.identity
         msg.valid = vector is not None
