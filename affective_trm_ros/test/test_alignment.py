@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from affective_trm_ros.core.alignment import (
+    AUDIO_CAUSAL,
     RELEASED_BY_AUDIO,
     RELEASED_BY_FLUSH,
     RELEASED_BY_NO_WAIT,
@@ -115,6 +116,99 @@ def test_invalid_text_masks_until_the_next_valid_one():
     aligner.add_video(0.6, vec(0.6))
     (step,) = released(aligner)
     assert step.features[TEXT] is None
+
+
+def test_several_frames_share_one_audio_window():
+    """30 FPS video, audio every 0.5 s: each audio window serves every frame within its slop,
+    however the frames are released (one by one as they become due, or together)."""
+    aligner = StreamAligner(CONFIG)
+    frames = [round(0.9 + k / 30, 6) for k in range(10)]          # 0.9 .. 1.2 s
+    aligner.add(AUDIO, 1.0, vec(1.0))
+    steps = []
+    for stamp in frames:
+        aligner.add_video(stamp, vec(stamp))
+        steps += aligner.ready(stamp + CONFIG.max_wait_s)           # each frame leaves on its own
+    assert [s.stamp_s for s in steps] == frames
+    assert [tag(s.features[AUDIO]) for s in steps] == [1.0] * len(frames)
+    assert [s.staleness[AUDIO] for s in steps] == pytest.approx([t - 1.0 for t in frames])
+    # a newer window takes over only where it is nearer
+    aligner.add(AUDIO, 1.5, vec(1.5))
+    for stamp in (1.23, 1.26, 1.3):
+        aligner.add_video(stamp, vec(stamp))
+    aligner.add(AUDIO, 2.0, vec(2.0))
+    assert [tag(s.features[AUDIO]) for s in aligner.ready(-math.inf)] == [1.0, 1.5, 1.5]
+
+
+CAUSAL = AlignmentConfig(audio_policy=AUDIO_CAUSAL, audio_max_age_s=0.8, text_max_age_s=2.0,
+                         max_wait_s=0.6, reset_after_s=3.0)
+
+
+def test_causal_policy_uses_the_newest_window_ending_at_or_before_the_frame_and_never_waits():
+    aligner = StreamAligner(CAUSAL)
+    aligner.add(AUDIO, 0.5, vec(0.5))
+    aligner.add(AUDIO, 1.0, vec(1.0))
+    aligner.add(AUDIO, 1.5, vec(1.5))          # after the frames below: never used for them
+    frames = [round(1.0 + k / 30, 6) for k in range(6)]
+    for stamp in frames:
+        aligner.add_video(stamp, vec(stamp))
+    steps = aligner.ready(-math.inf)           # no clock, no audio watermark needed
+    assert [s.stamp_s for s in steps] == frames
+    assert {s.released_by for s in steps} == {RELEASED_BY_NO_WAIT}
+    assert [tag(s.features[AUDIO]) for s in steps] == [1.0] * 6     # one window serves them all
+    assert steps[0].staleness[AUDIO] == 0.0 and steps[-1].staleness[AUDIO] > 0
+    aligner.add_video(1.6, vec(1.6))
+    (step,) = aligner.ready(-math.inf)
+    assert tag(step.features[AUDIO]) == 1.5
+    aligner.add_video(2.35, vec(2.35))          # newest window ended 0.85 s earlier > max age 0.8
+    (step,) = aligner.ready(-math.inf)
+    assert step.features[AUDIO] is None and step.bits == 1
+    assert aligner.next_deadline() is None
+
+
+def test_causal_policy_counts_audio_that_came_after_its_frame():
+    aligner = StreamAligner(CAUSAL)
+    aligner.add_video(1.0, vec(1.0))
+    (first,) = aligner.ready(-math.inf)
+    assert first.features[AUDIO] is None
+    aligner.add(AUDIO, 1.0, vec(1.0))          # ended with the frame, arrived after it left: late
+    assert aligner.stats['audio_late'] == 1
+    aligner.add_video(1.1, vec(1.1))
+    (second,) = aligner.ready(-math.inf)
+    assert tag(second.features[AUDIO]) == 1.0  # still the newest window for the next frame
+
+
+def test_causal_offline_alignment_sees_every_window_up_to_the_frame():
+    video, audio, text = make_session(seed=5)
+    steps = align_events(video + audio + text, CAUSAL)
+    stamps = [a[1] for a in audio]
+    for step in steps:
+        before = [i for i, s in enumerate(stamps) if s <= step.stamp_s + 1e-9]
+        newest = audio[before[-1]] if before else None
+        expected = (newest[2] if newest is not None and step.stamp_s - newest[1] <= 0.8 + 1e-9 else None)
+        assert tag(step.features[AUDIO]) == tag(expected), step.stamp_s
+
+
+def test_max_wait_runs_from_arrival_not_from_the_stamp():
+    """A camera clock 5 s ahead of the consumer: the frame still waits max_wait_s after it arrived,
+    neither 5 s more nor released at once when the clock is 5 s behind."""
+    ahead = StreamAligner(CONFIG)
+    ahead.add_video(105.0, vec(1.0), arrival_s=100.0)
+    assert ahead.next_deadline() == pytest.approx(100.6)
+    assert ahead.ready(100.59) == []
+    (step,) = ahead.ready(100.6)
+    assert step.released_by == RELEASED_BY_TIMEOUT and step.stamp_s == 105.0
+    behind = StreamAligner(CONFIG)
+    behind.add_video(95.0, vec(1.0), arrival_s=100.0)
+    assert behind.ready(100.0) == []
+    assert len(behind.ready(100.6)) == 1
+
+
+def test_a_clock_that_jumps_back_does_not_hold_frames():
+    aligner = StreamAligner(CONFIG)
+    aligner.add_video(50.0, vec(1.0), arrival_s=50.0)
+    aligner.clock_went_back(2.0)                # a looping simulated clock
+    assert aligner.next_deadline() == pytest.approx(2.6)
+    assert len(aligner.ready(2.6)) == 1
 
 
 # ---------------------------------------------------------------- release rules
@@ -406,6 +500,10 @@ def test_bad_config_and_input_fail_clearly():
         StreamAligner(AlignmentConfig(audio_slop_s=-1.0))
     with pytest.raises(ValueError, match='max_pending_frames must be >= 1'):
         StreamAligner(AlignmentConfig(max_pending_frames=0))
+    with pytest.raises(ValueError, match="audio_policy must be one of .*'sideways'"):
+        StreamAligner(AlignmentConfig(audio_policy='sideways'))
+    with pytest.raises(ValueError, match='audio_max_age_s must be a finite number'):
+        StreamAligner(AlignmentConfig(audio_max_age_s=math.inf))
     aligner = StreamAligner()
     with pytest.raises(ValueError, match="unknown modality 'smell'"):
         aligner.add('smell', 0.0, None)

@@ -1,34 +1,61 @@
-"""The fusion benchmark runs the node's pipeline (aligner + batched predictor) and reports sane numbers."""
+"""The fusion benchmark runs the node's runtime (stream table + batched predictor) and counts right."""
 
 import argparse
 import json
 
-from affective_trm_ros.core.predictor import FusionPredictor
 from affective_trm_ros.benchmarks import fusion as fusion_bench
+from affective_trm_ros.core.alignment import AlignmentConfig
+from affective_trm_ros.core.predictor import FusionPredictor
+
+
+def parser():
+    result = argparse.ArgumentParser()
+    fusion_bench.add_arguments(result)
+    return result
 
 
 def test_measure_counts_every_released_frame(tmp_path):
     from test_fusion_node import make_checkpoint
     predictor = FusionPredictor(make_checkpoint(tmp_path / 'tiny.pt'), device='cpu')
-    result = fusion_bench.measure(predictor, streams=2, fps=30.0, seconds=1.0, pace=False)
-    timed_frames = 2 * 30
-    # Frames still waiting for audio at the end (at most max_wait_s of them) are not counted.
-    assert timed_frames - 2 * 20 <= result['outputs'] <= timed_frames + 2 * fusion_bench.WARMUP_FRAMES
-    assert len(result['ticks']) == 30 and len(result['frames']) == result['outputs']
-    assert all(t >= 0 for t in result['steps']) and len(result['steps']) > 0
+    causal = fusion_bench.measure(predictor, streams=2, fps=30.0, seconds=1.0, pace=False,
+                                  alignment=AlignmentConfig(audio_policy='causal'))
+    assert causal['outputs'] == 2 * 30                  # never waits: every timed frame, at once
+    assert len(causal['steps']) == 30                   # one serving call per tick for both people
+    assert len(causal['ticks']) == 30 and len(causal['frames']) == 60
     assert sorted(predictor.streams()) == ['person0', 'person1']
+    nearest = fusion_bench.measure(FusionPredictor(make_checkpoint(tmp_path / 'tiny2.pt'), device='cpu'),
+                                   streams=2, fps=30.0, seconds=1.0, pace=False)
+    # nearest waits for the audio after a frame (or max_wait_s): the last ~0.6 s are still waiting
+    assert 2 * 20 <= nearest['outputs'] <= 2 * 45
+
+
+def test_people_mode_times_one_batched_step_per_size(tmp_path):
+    from test_fusion_node import make_checkpoint
+    predictor = FusionPredictor(make_checkpoint(tmp_path / 'tiny.pt'), device='cpu')
+    sizes = []
+    original = predictor.step
+    predictor.step = lambda items, resets=None: sizes.append(len(items)) or original(items, resets)
+    rows = fusion_bench.measure_people(predictor, [1, 3], steps=2, warmup=1)
+    assert sizes == ([1] * 3 + [3] * 3) * 3             # 3 interleaved passes, warm-up + timed steps
+    assert [r['people'] for r in rows] == [1, 3] and rows[0]['ratio'] == 1.0
+    assert rows[1]['per_person_ms'] == rows[1]['median_ms'] / 3
+    assert predictor.streams() == []                     # states freed after timing
 
 
 def test_run_writes_json(tmp_path):
     from test_fusion_node import make_checkpoint
-    parser = argparse.ArgumentParser()
-    fusion_bench.add_arguments(parser)
+    checkpoint = make_checkpoint(tmp_path / 'tiny.pt')
     out = tmp_path / 'bench.json'
-    args = parser.parse_args(['--checkpoint', make_checkpoint(tmp_path / 'tiny.pt'), '--seconds', '0.5',
-                              '--no-pace', '--json', str(out)])
+    args = parser().parse_args(['--checkpoint', checkpoint, '--seconds', '0.5', '--no-pace',
+                                '--audio-policy', 'causal', '--json', str(out)])
     assert fusion_bench.run(args) == 0
     report = json.loads(out.read_text())
-    assert report['step']['n'] > 0 and report['step']['p50'] <= report['step']['p99']
-    assert report['fps'] == 30.0 and report['device'] == 'cpu'
-    bad = parser.parse_args(['--streams', '0'])
-    assert fusion_bench.run(bad) == 2
+    assert report['step']['n'] == 15 and report['outputs'] == 15
+    assert report['fps'] == 30.0 and report['device'] == 'cpu' and report['audio_policy'] == 'causal'
+    people = tmp_path / 'people.json'
+    args = parser().parse_args(['--checkpoint', checkpoint, '--people', '1,2', '--steps', '3',
+                                '--json', str(people)])
+    assert fusion_bench.run(args) == 0
+    assert [r['people'] for r in json.loads(people.read_text())['people']] == [1, 2]
+    assert fusion_bench.run(parser().parse_args(['--streams', '0'])) == 2
+    assert fusion_bench.run(parser().parse_args(['--people', '0,2'])) == 2

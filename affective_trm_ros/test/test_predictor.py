@@ -1,11 +1,18 @@
-"""FusionPredictor: batched multi-stream serving with per-stream states."""
+"""FusionPredictor: batched multi-stream serving with per-stream states, against independent references.
+
+The reference is the model itself, stepped by hand: the input concatenated in feature order with
+masked blocks zero, normalised with the statistics this test chose (not the ones the predictor
+loaded), through a copy of the model whose own normalisation is the identity.
+"""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
-from affective_trm_ros.core.baselines import MemorylessMLP, MLPConfig
-from affective_trm_ros.core.checkpoint import save_checkpoint
+from affective_trm_ros.core.baselines import GRUBaseline, GRUConfig, MemorylessMLP, MLPConfig
+from affective_trm_ros.core.checkpoint import load_checkpoint, save_checkpoint
 from affective_trm_ros.core.predictor import FusionPredictor
 from affective_trm_ros.core.trm import StatefulTRM, TRMConfig
 
@@ -15,20 +22,76 @@ DIMS = {'audio': 12, 'video': 20, 'text': 8}
 SPEC = [{'modality': 'audio', 'encoder': 'dasheng_base', 'dim': 12},
         {'modality': 'video', 'encoder': 'hsemotion_enet_b0', 'dim': 20},
         {'modality': 'text', 'encoder': 'minilm', 'dim': 8}]
+MEAN = torch.linspace(-1.0, 2.0, 40)
+STD = torch.linspace(0.3, 3.0, 40)
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
+def trained():
+    """(checkpoint path, the model that was saved) -- a TRM whose valence and arousal differ."""
     torch.manual_seed(0)
     model = StatefulTRM(TRMConfig(modality_dims=DIMS, hidden_size=32, num_heads=4, h_cycles=2))
-    model.set_normalization(torch.randn(40), torch.rand(40) + 0.5)
-    return save_checkpoint(tmp_path_factory.mktemp('ckpt') / 'trm.pt', model, SPEC, {'note': 'test'})
+    with torch.no_grad():  # clearly different valence and arousal rows, so a swap shows
+        model.output_head.weight[1] *= -3.0
+        model.output_head.bias.copy_(torch.tensor([0.3, -0.4]))
+    model.set_normalization(MEAN, STD)
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def checkpoint(trained, tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp('ckpt') / 'trm.pt', trained, SPEC, {'note': 'test'})
 
 
 def frames(seed, count):
     rng = np.random.default_rng(seed)
-    return [{'audio': rng.normal(size=12).astype(np.float32), 'video': rng.normal(size=20),
+    return [{'audio': rng.normal(size=12).astype(np.float32) * 3 + 1, 'video': rng.normal(size=20) * 2,
              'text': None if i % 2 else rng.normal(size=8)} for i in range(count)]
+
+
+class HandReference:
+    """The saved model stepped by hand on the hand-normalised concatenation, one stream."""
+
+    def __init__(self, model) -> None:
+        self.model = copy.deepcopy(model)
+        self.model.set_normalization(torch.zeros(40), torch.ones(40))
+        self.state = None
+
+    def step(self, features: dict) -> tuple:
+        blocks, mask = [], []
+        for modality, dim in DIMS.items():          # feature order: audio | video | text
+            vector = features.get(modality)
+            blocks.append(np.zeros(dim) if vector is None else np.asarray(vector, dtype=np.float64))
+            mask.append(vector is not None)
+        x = np.concatenate(blocks)
+        xn = (x - MEAN.double().numpy()) / STD.double().numpy()
+        column_mask = np.repeat(mask, list(DIMS.values()))
+        xn[~column_mask] = 0.0                       # masked blocks carry nothing
+        with torch.no_grad():
+            if self.state is None:
+                self.state = self.model.initial_state(1)
+            va, confidence, self.state = self.model.step(
+                torch.tensor(xn, dtype=torch.float32)[None], torch.tensor([mask]), self.state)
+        return float(va[0, 0]), float(va[0, 1]), float(confidence[0])
+
+
+def test_serving_equals_the_model_on_the_hand_normalised_input_with_state_carried(checkpoint, trained):
+    predictor = FusionPredictor(checkpoint, device='cpu')
+    reference = HandReference(trained)
+    outputs, expected = [], []
+    for frame in frames(1, 6):
+        outputs += predictor.step([('a', frame)])
+        expected.append(reference.step(frame))
+    np.testing.assert_allclose(outputs, expected, atol=2e-5)
+    valence, arousal, _ = zip(*outputs)
+    assert not np.allclose(valence, arousal, atol=0.05)             # a v/a swap would show
+    assert not np.allclose(outputs[0], outputs[-1], atol=1e-3)      # the state is carried
+
+
+def test_a_checkpoint_round_trip_keeps_the_normalisation(checkpoint):
+    loaded = load_checkpoint(checkpoint, device='cpu').model
+    torch.testing.assert_close(loaded.feature_mean, MEAN)
+    torch.testing.assert_close(loaded.feature_std, STD)
 
 
 def test_exposes_the_checkpoint_spec_and_dims(checkpoint):
@@ -37,19 +100,42 @@ def test_exposes_the_checkpoint_spec_and_dims(checkpoint):
     assert predictor.dims == DIMS
     assert predictor.kind == 'trm' and predictor.metadata == {'note': 'test'}
     assert predictor.device == torch.device('cpu')
+    assert predictor.audio_policy is None                 # not recorded in this checkpoint
     predictor.check_encoders(SPEC)
     with pytest.raises(ValueError, match='minilm'):
         predictor.check_encoders(SPEC[:2] + [{'modality': 'text', 'encoder': 'embeddinggemma', 'dim': 768}])
 
 
-def test_batched_streams_match_streams_run_alone(checkpoint):
-    together = FusionPredictor(checkpoint, device='cpu')
-    alone_a, alone_b = FusionPredictor(checkpoint, device='cpu'), FusionPredictor(checkpoint, device='cpu')
-    for fa, fb in zip(frames(1, 5), frames(2, 5)):
-        both = together.step([('a', fa), ('b', fb)])
-        expected = alone_a.step([('a', fa)]) + alone_b.step([('b', fb)])
-        np.testing.assert_allclose(both, expected, atol=1e-5)
-    assert sorted(together.streams()) == ['a', 'b']
+def test_batched_streams_each_match_their_own_hand_reference(checkpoint, trained):
+    predictor = FusionPredictor(checkpoint, device='cpu', capacity=2)   # 5 streams: the table grows
+    streams = {name: (HandReference(trained), frames(seed, 4)) for seed, name in enumerate('abcde')}
+    for k in range(4):
+        items = [(name, data[1][k]) for name, data in streams.items()]
+        outputs = predictor.step(items)
+        expected = [ref.step(data[k]) for ref, data in streams.values()]
+        np.testing.assert_allclose(outputs, expected, atol=2e-5)
+    assert sorted(predictor.streams()) == list('abcde') and predictor.capacity >= 5
+
+
+def test_several_frames_of_a_stream_in_one_call_run_in_order_in_few_model_steps(checkpoint, trained):
+    predictor = FusionPredictor(checkpoint, device='cpu')
+    calls = []
+    original = predictor.model.step
+
+    def counting_step(x, mask, state):
+        calls.append(x.shape[0])
+        return original(x, mask, state)
+
+    predictor.model.step = counting_step
+    a, b = frames(3, 3), frames(4, 2)
+    items = [('a', a[0]), ('a', a[1]), ('b', b[0]), ('a', a[2]), ('b', b[1])]
+    outputs = predictor.step(items, resets=[False, False, False, True, False])
+    assert calls == [2, 2, 1]                        # round r = the r-th frame of every stream
+    ref_a, ref_b = HandReference(trained), HandReference(trained)
+    expected_a = [ref_a.step(a[0]), ref_a.step(a[1]), HandReference(trained).step(a[2])]  # reset at a[2]
+    expected_b = [ref_b.step(b[0]), ref_b.step(b[1])]
+    np.testing.assert_allclose([outputs[i] for i in (0, 1, 3)], expected_a, atol=2e-5)
+    np.testing.assert_allclose([outputs[i] for i in (2, 4)], expected_b, atol=2e-5)
 
 
 def test_state_persists_and_reset_affects_only_that_stream(checkpoint):
@@ -68,14 +154,13 @@ def test_state_persists_and_reset_affects_only_that_stream(checkpoint):
     assert sorted(predictor.reset()) == ['a', 'b'] and predictor.streams() == []
 
 
-def test_outputs_are_bounded_floats_and_missing_modalities_lower_confidence(checkpoint):
+def test_outputs_are_floats_and_no_modality_means_no_confidence(checkpoint):
     predictor = FusionPredictor(checkpoint, device='cpu')
-    full, partial = predictor.step([('a', {'audio': np.ones(12), 'video': np.ones(20), 'text': np.ones(8)}),
-                                    ('b', {'video': np.ones(20)})])
-    for valence, arousal, confidence in (full, partial):
-        assert all(isinstance(v, float) for v in (valence, arousal, confidence))
-        assert -1 <= valence <= 1 and -1 <= arousal <= 1 and 0 <= confidence <= 1
-    assert partial[2] < full[2]
+    full, empty = predictor.step([('a', {'audio': np.ones(12), 'video': np.ones(20), 'text': np.ones(8)}),
+                                  ('b', {})])
+    for values in (full, empty):
+        assert all(isinstance(v, float) for v in values)
+    assert full[2] > 0.0 and empty[2] == 0.0
     assert predictor.step([]) == []
 
 
@@ -86,9 +171,9 @@ def test_bad_inputs_are_refused_with_the_stream_and_modality_named(checkpoint):
     with pytest.raises(ValueError, match='unknown modalities'):
         predictor.step([('x', {'smell': np.zeros(3)})])
     with pytest.raises(ValueError, match='NaN'):
-        predictor.step([('x', {'audio': np.full(12, np.nan)})])
-    with pytest.raises(ValueError, match='twice'):
-        predictor.step([('x', {}), ('x', {})])
+        predictor.step([('y', {'video': np.zeros(20)}), ('x', {'audio': np.full(12, np.nan)})])
+    with pytest.raises(ValueError, match='2 reset flags for 1 items'):
+        predictor.step([('x', {})], resets=[False, True])
     assert predictor.streams() == []  # nothing half-applied
 
 
@@ -100,6 +185,25 @@ def test_memoryless_models_serve_through_the_same_api():
     b = predictor.step([('b', frames(2, 1)[0])])
     np.testing.assert_allclose(a[1], b[0], atol=1e-6)
     assert predictor.reset() == ['a', 'b']
+
+
+def test_recurrent_baselines_keep_their_state_in_slots_too():
+    torch.manual_seed(0)
+    model = GRUBaseline(GRUConfig(modality_dims=DIMS, hidden_size=8)).eval()
+    predictor = FusionPredictor.from_model(model, SPEC, device='cpu', capacity=1)
+    sequence = frames(5, 3)
+    state = model.initial_state(1)
+    expected = []
+    with torch.no_grad():
+        for frame in sequence:
+            x = torch.tensor(np.concatenate([np.zeros(d) if frame[m] is None else frame[m]
+                                             for m, d in DIMS.items()]), dtype=torch.float32)[None]
+            mask = torch.tensor([[frame[m] is not None for m in DIMS]])
+            va, confidence, state = model.step(x, mask, state)
+            expected.append((float(va[0, 0]), float(va[0, 1]), float(confidence[0])))
+    other = frames(6, 3)
+    outputs = [predictor.step([('a', f), ('b', g)])[0] for f, g in zip(sequence, other)]
+    np.testing.assert_allclose(outputs, expected, atol=2e-5)
 
 
 def test_missing_checkpoint_fails_clearly(tmp_path):

@@ -3,15 +3,24 @@
 One :class:`StreamAligner` per stream (person). Every video embedding at time ``t`` becomes
 exactly one :class:`AlignedStep` stamped ``t``:
 
-* **audio** -- the audio embedding whose stamp is nearest to ``t`` within ``audio_slop_s``;
+* **audio**, by ``audio_policy``:
+
+  - ``nearest`` -- the audio embedding whose stamp is nearest to ``t`` within ``audio_slop_s``
+    (best alignment; the frame waits for audio from its future);
+  - ``causal`` -- the newest audio embedding with stamp <= ``t`` (an audio stamp is the end of its
+    window, so: the newest complete window ending at or before the frame) that is at most
+    ``audio_max_age_s`` old. Frames never wait (lowest latency);
+
 * **text** -- the latest text embedding with stamp <= ``t`` that is at most ``text_max_age_s`` old;
 * a modality with no such embedding, or whose chosen embedding is invalid, is **masked** (None).
 
-A frame is released by :meth:`StreamAligner.ready` once the audio watermark (the newest audio
-stamp received) reaches ``t + audio_slop_s`` -- every audio embedding that could be nearest has
-then arrived, so the result does not depend on how audio and video messages interleave -- or
-once ``now >= t + max_wait_s`` (the ROS clock; simulated time in replay), so a dead audio encoder
-costs latency, never output. Video frames leave in stamp order.
+With ``nearest``, a frame is released by :meth:`StreamAligner.ready` once the audio watermark
+(the newest audio stamp received) reaches ``t + audio_slop_s`` -- every audio embedding that
+could be nearest has then arrived, so the result does not depend on how audio and video messages
+interleave -- or once the clock reaches the frame's **arrival** time + ``max_wait_s``, so a dead
+audio encoder costs latency, never output. The wait is measured from arrival on the consumer's
+clock, never from the stamp: stamps are only for matching (a sensor clock running ahead or behind
+must not delay or hurry outputs). Video frames leave in stamp order.
 
 Rules for everything else:
 
@@ -46,8 +55,8 @@ from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, MODALITY_BIT
 
 #: Reasons a frame left the aligner (AlignedStep.released_by).
 RELEASED_BY_AUDIO = 'audio'        # the audio watermark passed t + audio_slop_s
-RELEASED_BY_NO_WAIT = 'no_wait'    # the aligner does not wait for audio
-RELEASED_BY_TIMEOUT = 'timeout'    # now >= t + max_wait_s
+RELEASED_BY_NO_WAIT = 'no_wait'    # the aligner does not wait for audio (causal policy or no audio)
+RELEASED_BY_TIMEOUT = 'timeout'    # now >= arrival + max_wait_s
 RELEASED_BY_OVERFLOW = 'overflow'  # more than max_pending_frames frames waited
 RELEASED_BY_FLUSH = 'flush'        # a reset (time jump or gap) or flush() emptied the queue
 
@@ -55,17 +64,30 @@ RELEASED_BY_FLUSH = 'flush'        # a reset (time jump or gap) or flush() empti
 #: nanoseconds, and as float seconds since the epoch they carry ~0.24 us of rounding.
 STAMP_TOLERANCE_S = 1e-6
 
+#: Audio matching policies (see the module docstring).
+AUDIO_NEAREST = 'nearest'
+AUDIO_CAUSAL = 'causal'
+AUDIO_POLICIES = (AUDIO_NEAREST, AUDIO_CAUSAL)
+#: The policy of feature stores and checkpoints that do not record one (every earlier version).
+LEGACY_AUDIO_POLICY = AUDIO_NEAREST
+
 
 @dataclass(frozen=True)
 class AlignmentConfig:
     """Parameters of the video-clocked policy (the fusion node's parameters of the same names)."""
 
+    #: How audio is matched to a frame: 'nearest' (within audio_slop_s, waits for the future) or
+    #: 'causal' (newest window ending at or before the frame, never waits).
+    audio_policy: str = AUDIO_NEAREST
     #: Audio is matched to a frame when its stamp is within this many seconds of the frame's stamp.
     #: Half the audio hop plus margin: with a 0.5 s hop every frame then has an audio candidate.
     audio_slop_s: float = 0.3
+    #: causal policy: the newest audio window ending at or before the frame is used while it is at
+    #: most this old. Two hops of the default 0.5 s hop: one late window is tolerated.
+    audio_max_age_s: float = 1.0
     #: A text embedding stays in force for this long after its stamp (speech is sparse).
     text_max_age_s: float = 10.0
-    #: Release a frame at the latest when the clock reaches its stamp + this, audio or not.
+    #: nearest policy: release a frame at the latest when the clock reaches its arrival + this.
     max_wait_s: float = 0.6
     #: A gap without video longer than this resets the stream's model state.
     reset_after_s: float = 5.0
@@ -90,7 +112,9 @@ class AlignmentConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
-        for name in ('audio_slop_s', 'text_max_age_s', 'max_wait_s', 'reset_after_s'):
+        if self.audio_policy not in AUDIO_POLICIES:
+            raise ValueError(f'audio_policy must be one of {AUDIO_POLICIES}, got {self.audio_policy!r}')
+        for name in ('audio_slop_s', 'audio_max_age_s', 'text_max_age_s', 'max_wait_s', 'reset_after_s'):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
@@ -137,6 +161,8 @@ class _Frame:
     vector: Optional[np.ndarray]
     meta: Any
     reset: bool
+    #: When the frame arrived, on the clock ready() is given (the stamp when not told).
+    arrival_s: float
 
 
 @dataclass
@@ -218,10 +244,17 @@ class StreamAligner:
         else:
             raise ValueError(f"unknown modality '{modality}'; expected one of {FEATURE_ORDER}")
 
-    def add_video(self, stamp_s: float, vector: Optional[np.ndarray], meta: Any = None) -> None:
-        """Add one video embedding; it becomes exactly one AlignedStep (unless it is a duplicate)."""
+    def add_video(self, stamp_s: float, vector: Optional[np.ndarray], meta: Any = None,
+                  arrival_s: Optional[float] = None) -> None:
+        """Add one video embedding; it becomes exactly one AlignedStep (unless it is a duplicate).
+
+        ``arrival_s``: when it arrived, on the clock later given to :meth:`ready` (default: its
+        stamp, as when the clock follows the stamps offline). The maximum wait runs from there.
+        """
         stamp_s = float(stamp_s)
         _check_stamp(stamp_s)
+        arrival_s = stamp_s if arrival_s is None else float(arrival_s)
+        _check_stamp(arrival_s)
         if self._last_video is not None:
             if stamp_s == self._last_video:
                 self.stats['video_duplicate'] += 1
@@ -238,7 +271,7 @@ class StreamAligner:
             self.stats['video_invalid'] += 1
         else:
             self.last_valid_stamp[VIDEO] = stamp_s
-        self._pending.append(_Frame(stamp_s, vector, meta, self._reset_next))
+        self._pending.append(_Frame(stamp_s, vector, meta, self._reset_next, arrival_s))
         self._reset_next = False
         while len(self._pending) > self.config.max_pending_frames:
             self.stats['video_overflow'] += 1
@@ -247,7 +280,12 @@ class StreamAligner:
     def _add_audio(self, stamp_s: float, vector: Optional[np.ndarray]) -> None:
         _check_stamp(stamp_s)
         slop = self.config.audio_slop_s
-        if self._last_fused is not None:
+        if self.config.audio_policy == AUDIO_CAUSAL:
+            # A window ending at or before a fused frame came too late for it (it may still serve
+            # later frames if it is the newest; older ones are pruned at the next release).
+            if self._last_fused is not None and stamp_s <= self._last_fused + STAMP_TOLERANCE_S:
+                self.stats['audio_late'] += 1
+        elif self._last_fused is not None:
             if stamp_s < self._last_fused - slop - STAMP_TOLERANCE_S:
                 self.stats['audio_dropped_late'] += 1
                 return
@@ -278,17 +316,39 @@ class StreamAligner:
         config = self.config
         while self._pending:
             frame = self._pending[0]
-            if not config.wait_for_audio:
+            if not self.waits:
                 reason = RELEASED_BY_NO_WAIT
             elif self._audio_watermark + STAMP_TOLERANCE_S >= frame.stamp_s + config.audio_slop_s:
                 reason = RELEASED_BY_AUDIO
-            elif now_s + STAMP_TOLERANCE_S >= frame.stamp_s + config.max_wait_s:
+            elif now_s + STAMP_TOLERANCE_S >= frame.arrival_s + config.max_wait_s:
                 reason = RELEASED_BY_TIMEOUT
             else:
                 break
             self._release(self._pending.popleft(), reason)
         released, self._released = self._released, []
         return released
+
+    @property
+    def waits(self) -> bool:
+        """True when frames wait for audio (the nearest policy with audio fused)."""
+        return self.config.wait_for_audio and self.config.audio_policy == AUDIO_NEAREST
+
+    def next_deadline(self) -> Optional[float]:
+        """Clock time at which the oldest pending frame is released whatever audio does (-inf: it
+        is due now regardless of the clock; None: nothing pending)."""
+        if not self._pending:
+            return None
+        frame = self._pending[0]
+        audio_passed = self._audio_watermark + STAMP_TOLERANCE_S >= frame.stamp_s + self.config.audio_slop_s
+        if not self.waits or audio_passed:
+            return -math.inf
+        return frame.arrival_s + self.config.max_wait_s
+
+    def clock_went_back(self, now_s: float) -> None:
+        """The clock that arrivals are measured on jumped back to ``now_s`` (a looping simulated
+        clock): waiting frames count as having arrived now, so their wait stays bounded."""
+        for frame in self._pending:
+            frame.arrival_s = min(frame.arrival_s, now_s)
 
     def flush(self) -> list:
         """Release every pending frame now (end of a recording)."""
@@ -313,7 +373,14 @@ class StreamAligner:
         t = frame.stamp_s
         features = {VIDEO: frame.vector, AUDIO: None, TEXT: None}
         staleness = {VIDEO: 0.0 if frame.vector is not None else None, AUDIO: None, TEXT: None}
-        index = self._audio.nearest(t, config.audio_slop_s)
+        causal = config.audio_policy == AUDIO_CAUSAL
+        if causal:
+            index = self._audio.latest_not_after(t)
+            max_age = config.audio_max_age_s + STAMP_TOLERANCE_S
+            if index is not None and t - self._audio.stamps[index] > max_age:
+                index = None  # the newest window is too old: audio is stale
+        else:
+            index = self._audio.nearest(t, config.audio_slop_s)
         if index is not None and self._audio.vectors[index] is not None:
             features[AUDIO] = self._audio.vectors[index]
             staleness[AUDIO] = t - self._audio.stamps[index]
@@ -331,9 +398,14 @@ class StreamAligner:
                                           reset=frame.reset, meta=frame.meta, released_by=reason))
         self.stats['frames_out'] += 1
         self._last_fused = t
-        # Later frames are newer than t: older audio can never be within their slop, and only the
-        # newest text at or before t can still be the latest-not-newer one.
-        self._audio.drop_before(t - config.audio_slop_s - STAMP_TOLERANCE_S)
+        # Later frames are newer than t: older audio can never be within their slop (nearest), only
+        # the newest audio and text at or before t can still be the latest-not-newer one.
+        if causal:
+            index = self._audio.latest_not_after(t)
+            if index is not None:
+                self._audio.drop_before(self._audio.stamps[index])
+        else:
+            self._audio.drop_before(t - config.audio_slop_s - STAMP_TOLERANCE_S)
         index = self._text.latest_not_after(t)
         if index is not None:
             self._text.drop_before(self._text.stamps[index])
@@ -347,12 +419,27 @@ class StreamAligner:
         while self._pending:
             self._release(self._pending.popleft(), RELEASED_BY_FLUSH)
         if forget_after is not None:
-            self._audio.drop_after(forget_after + self.config.audio_slop_s + STAMP_TOLERANCE_S)
+            ahead = self.config.audio_slop_s if self.config.audio_policy == AUDIO_NEAREST else 0.0
+            self._audio.drop_after(forget_after + ahead + STAMP_TOLERANCE_S)
             self._text.drop_after(forget_after)
             self._audio_watermark = self._audio.stamps[-1] if self._audio.stamps else -math.inf
             self.last_valid_stamp = {m: s for m, s in self.last_valid_stamp.items() if s <= forget_after}
         self._last_fused = None
         self._reset_next = True
+
+
+def audio_policy_mismatch(trained: Optional[str], running: str) -> Optional[str]:
+    """Why serving with audio policy ``running`` differs from training (``trained``: the policy the
+    checkpoint records, None when it records none), or None when they agree."""
+    note = ''
+    if trained is None:
+        trained = LEGACY_AUDIO_POLICY
+        note = ' (the checkpoint records none; checkpoints written before it was recorded used it)'
+    if trained == running:
+        return None
+    return (f"audio_policy '{running}' differs from '{trained}', the policy the checkpoint's training "
+            f"features were aligned with{note}: audio reaches the model with other timing than in "
+            f"training. Set audio_policy: {trained}, or train on features prepared with '{running}'")
 
 
 def _check_stamp(stamp_s: float) -> None:

@@ -9,6 +9,7 @@ One file (``torch.save`` of a plain dict, loadable with ``weights_only=True``) h
      'normalization': {'feature_mean': [...], 'feature_std': [...]},   # readable copy
      'encoder_spec': [{'modality': 'audio', 'encoder': 'dasheng_base', 'dim': 768}, ...],
      'feature_order': ['audio', 'video', 'text'],
+     'alignment': {'audio_policy': 'nearest' | 'causal'},   # optional: how the features were aligned
      'metadata': {...}}                           # JSON-compatible training metadata
 
 An **encoder spec** lists, in feature order, the modality, encoder plugin id and dimension the
@@ -29,10 +30,18 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from affective_trm_ros.core.alignment import AUDIO_POLICIES, LEGACY_AUDIO_POLICY
 from affective_trm_ros.core.baselines import MODEL_CLASSES, baseline_config_from_dict
 from affective_trm_ros.core.device import resolve_device
 from affective_trm_ros.core.modalities import DEFAULT_ENCODERS, FEATURE_ORDER
-from affective_trm_ros.core.trm import DEFAULT_MODALITY_DIMS, FusionModel, SeedTRM, TRMConfig, build_model, config_from_dict
+from affective_trm_ros.core.trm import (
+    DEFAULT_MODALITY_DIMS,
+    FusionModel,
+    SeedTRM,
+    TRMConfig,
+    build_model,
+    config_from_dict,
+)
 
 CHECKPOINT_FORMAT = 'affective_trm_checkpoint'
 CHECKPOINT_VERSION = 1
@@ -60,6 +69,9 @@ class LoadedCheckpoint:
     config: Any
     encoder_spec: list
     metadata: dict
+    #: Audio policy the training features were aligned with ('nearest'/'causal'); None when the
+    #: checkpoint does not record one (written before it was recorded: those used 'nearest').
+    audio_policy: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,8 +166,14 @@ def _json_compatible(value, where: str = 'metadata'):
 
 
 def save_checkpoint(path: PathLike, model: FusionModel, encoder_spec,
-                    metadata: Optional[dict] = None) -> Path:
-    """Write ``model`` with its config, normalisation, encoder spec and metadata to ``path`` (atomically)."""
+                    metadata: Optional[dict] = None, *, audio_policy: Optional[str] = None) -> Path:
+    """Write ``model`` with its config, normalisation, encoder spec and metadata to ``path`` (atomically).
+
+    ``audio_policy``: the alignment audio policy the training features were prepared with (see
+    :func:`audio_policy_of_sessions`); serving warns when it runs another. None: not recorded.
+    """
+    if audio_policy is not None and audio_policy not in AUDIO_POLICIES:
+        raise ValueError(f'audio_policy must be one of {AUDIO_POLICIES} or None, got {audio_policy!r}')
     if model.kind not in KINDS:
         raise ValueError(f'cannot checkpoint a model of kind {model.kind!r}; known kinds: {KINDS}')
     spec = normalize_encoder_spec(encoder_spec)
@@ -176,6 +194,8 @@ def save_checkpoint(path: PathLike, model: FusionModel, encoder_spec,
         'feature_order': list(FEATURE_ORDER),
         'metadata': _json_compatible(dict(metadata or {})),
     }
+    if audio_policy is not None:
+        payload['alignment'] = {'audio_policy': audio_policy}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
@@ -260,7 +280,30 @@ def load_checkpoint(path: PathLike, device: str = 'cpu') -> LoadedCheckpoint:
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the '{payload['kind']}' model config: {exc}") from exc
     return LoadedCheckpoint(model.to(target).eval(), payload['kind'], config, spec,
-                            dict(payload.get('metadata') or {}))
+                            dict(payload.get('metadata') or {}), _recorded_audio_policy(payload, path))
+
+
+def _recorded_audio_policy(payload: dict, path) -> Optional[str]:
+    alignment = payload.get('alignment') or {}
+    policy = alignment.get('audio_policy') if isinstance(alignment, dict) else None
+    if policy is not None and policy not in AUDIO_POLICIES:
+        raise ValueError(f'{path}: unknown audio policy {policy!r} (known: {AUDIO_POLICIES})')
+    return policy
+
+
+def audio_policy_of_sessions(metas) -> Optional[str]:
+    """The audio policy shared by prepared sessions, from their ``meta['alignment']`` (what feature
+    preparation stores); a session without one counts as the legacy policy. None for no sessions;
+    ValueError when sessions were prepared with different policies (training on a mix serves neither).
+    """
+    policies = set()
+    for meta in metas:
+        alignment = (meta or {}).get('alignment') or {}
+        policies.add(alignment.get('audio_policy', LEGACY_AUDIO_POLICY))
+    if len(policies) > 1:
+        raise ValueError(f'the sessions were aligned with different audio policies {sorted(policies)}; '
+                         f'prepare them all with one')
+    return policies.pop() if policies else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,11 +2,18 @@
 
 Subscribes ``affect/embedding/{video,audio,text}`` (affective_msgs/ModalityEmbedding) and publishes
 one ``affect/valence_arousal`` (affective_msgs/ValenceArousal) per video embedding, stamped with
-the video frame's stamp. One alignment queue and one model state per ``stream_id``; frames of
-several streams that are due together run as one batched model step. ``affect/reset``
+the video frame's stamp, and the tracked stream ids on ``affect/tracked_streams``
+(affective_msgs/TrackedStreams, transient local) whenever they change. ``affect/reset``
 (affective_msgs/srv/ResetState) resets the model memory of one stream or of all.
 
-The alignment policy lives in :mod:`affective_trm_ros.core.alignment`; the model behind
+Runtime: the message callbacks only check an embedding and hand it to the per-stream table
+(:mod:`affective_trm_ros.core.streams`), then wake the inference thread. That one thread sleeps
+until an embedding arrives or the earliest release deadline passes (a ``/clock`` update wakes it
+under simulated time), runs everything due across streams as batched model steps, and publishes.
+There is no polling timer, and ingest never waits for the model.
+
+The alignment policy lives in :mod:`affective_trm_ros.core.alignment`, the stream lifecycle in
+:mod:`affective_trm_ros.core.streams`, the model behind
 :class:`affective_trm_ros.core.predictor.FusionPredictor`. This file only moves messages.
 """
 
@@ -21,35 +28,52 @@ from typing import Optional
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.clock import Clock, ClockType
+from rclpy.clock import JumpThreshold
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from affective_msgs.msg import ModalityEmbedding, ValenceArousal
+from affective_msgs.msg import ModalityEmbedding, TrackedStreams, ValenceArousal
 from affective_msgs.srv import ResetState
-
-from affective_trm_ros.core.alignment import AlignmentConfig, StreamAligner, embedding_mismatch
+from affective_trm_ros.core.alignment import (
+    AUDIO_POLICIES,
+    AlignmentConfig,
+    audio_policy_mismatch,
+    embedding_mismatch,
+)
 from affective_trm_ros.core.device import DEVICE_CHOICES_HELP
 from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, MODALITY_BITS, TEXT, VIDEO, bits_to_names
-from affective_trm_ros.nodes.common import RELIABLE_QOS, Diagnostics, LatencyWindow, RateMeter, add_validator, declare, run_node
+from affective_trm_ros.core.streams import DEFAULT_STREAM, StreamPolicy, StreamTable
+from affective_trm_ros.nodes.common import (
+    LATCHED_QOS,
+    RELIABLE_QOS,
+    Diagnostics,
+    LatencyWindow,
+    RateMeter,
+    add_validator,
+    declare,
+    run_node,
+)
 
 NODE_NAME = 'fusion'
 SYNC_POLICIES = ('video_clocked', 'approximate')
 #: Embedding topics (relative, so namespaces and remapping work).
 EMBEDDING_TOPICS = {m: f'affect/embedding/{m}' for m in (VIDEO, AUDIO, TEXT)}
 OUTPUT_TOPIC = 'affect/valence_arousal'
+TRACKED_TOPIC = 'affect/tracked_streams'
 RESET_SERVICE = 'affect/reset'
 #: Text embeddings are published transient-local (a late joiner gets the current utterance);
 #: the subscription asks for the same durability so it receives it, with room for a burst.
 TEXT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
-#: Stream id used when an embedding carries none.
-DEFAULT_STREAM = 'default'
 #: One refused-embedding error per (modality, encoder, dim) per this many seconds.
 ERROR_PERIOD_S = 5.0
 #: Alignment parameters that may change at run time (they only change comparisons, not buffers).
-LIVE_ALIGNMENT_PARAMETERS = ('audio_slop_s', 'text_max_age_s', 'max_wait_s', 'reset_after_s')
+LIVE_ALIGNMENT_PARAMETERS = ('audio_slop_s', 'audio_max_age_s', 'text_max_age_s', 'max_wait_s',
+                             'reset_after_s')
+#: The inference thread re-checks at least this often (s) even when nothing is due: a guard
+#: against a missed wake-up, not the release mechanism (that is the deadline or an arrival).
+WAKE_GUARD_S = 1.0
 
 
 def stamp_to_seconds(stamp) -> float:
@@ -64,10 +88,13 @@ class FusionNode(Node):
         self._declare_parameters()
         params = self._parameter_values()
         _check_static_parameters(params)
-        self._alignment = AlignmentConfig.from_parameters(params)  # fails early on bad values
+        alignment = AlignmentConfig.from_parameters(params)  # fails early on bad values
 
-        from affective_trm_ros.core.predictor import FusionPredictor  # torch import: only when a node is built
-        self._predictor = FusionPredictor(params['checkpoint'], device=params['device'])
+        from affective_trm_ros.core.predictor import (
+            FusionPredictor,  # torch import: only when a node is built
+        )
+        self._predictor = FusionPredictor(params['checkpoint'], device=params['device'],
+                                          capacity=int(params['max_streams']))
         self._expected = {entry['modality']: entry for entry in self._predictor.encoder_spec}
         self._used = tuple(m for m in params['modalities'] if m in self._expected)
         unused = [m for m in params['modalities'] if m not in self._expected]
@@ -76,47 +103,60 @@ class FusionNode(Node):
                              f'{self._predictor.encoder_spec}); the fusion is clocked by video')
         if unused:
             self.get_logger().warning(f'the checkpoint takes no {unused} input; those embeddings are ignored')
+        self._policy = params['sync_policy']
+        self._warn_on_policy_mismatch(alignment.audio_policy)
         # Frames wait for audio only when audio is fused (and not already paired by a synchronizer).
-        self._alignment = dataclasses.replace(self._alignment, wait_for_audio=AUDIO in self._used
-                                              and params['sync_policy'] == 'video_clocked')
-        self._shared_audio_text = bool(params['shared_audio_text'])
-        self._max_streams = int(params['max_streams'])
-        self._forget_after_s = float(params['stream_forget_after_s'])
+        alignment = dataclasses.replace(alignment, wait_for_audio=AUDIO in self._used
+                                        and self._policy == 'video_clocked')
+        self._table = StreamTable(self._predictor, alignment, StreamPolicy(
+            max_streams=int(params['max_streams']), forget_after_s=float(params['stream_forget_after_s']),
+            shared_audio_text=bool(params['shared_audio_text'])))
 
-        self._lock = threading.Lock()  # guards the aligners (ingest and inference run in different threads)
-        self._aligners: dict = {}
-        self._last_activity: dict = {}
-        self._retired_stats: collections.Counter = collections.Counter()
-        # Counters written by the ingest thread and by the inference thread, kept apart.
-        self._ingest_counts: collections.Counter = collections.Counter()
-        self._counts: collections.Counter = collections.Counter()
+        self._ingest_counts: collections.Counter = collections.Counter()  # ingest thread only
+        self._counts: collections.Counter = collections.Counter()         # inference thread only
         self._check_cache: dict = {}
         self._last_error: dict = {}
         self._last_bits = 0
         self._rate = RateMeter()
         self._latency = LatencyWindow()
         self._step_time = LatencyWindow()
+        self._sim_time = bool(self.get_parameter('use_sim_time').value)
 
-        self._ingest_group = MutuallyExclusiveCallbackGroup()
-        self._inference_group = MutuallyExclusiveCallbackGroup()
         self._publisher = self.create_publisher(ValenceArousal, OUTPUT_TOPIC, RELIABLE_QOS)
-        self._policy = params['sync_policy']
+        self._tracked_publisher = self.create_publisher(TrackedStreams, TRACKED_TOPIC, LATCHED_QOS)
         self._subscribe(params)
-        self.create_service(ResetState, RESET_SERVICE, self._on_reset, callback_group=self._inference_group)
-        # Polling runs on the steady clock so it also ticks while simulated time is paused; the
-        # release decision itself uses the node clock (simulated time under use_sim_time).
-        self.create_timer(float(params['release_period_s']), self._on_release_timer,
-                          callback_group=self._inference_group, clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self.create_service(ResetState, RESET_SERVICE, self._on_reset)
         self._diagnostics = Diagnostics(self, self._collect_diagnostics,
                                         float(params['diagnostics_period_s']),
                                         hardware_id=str(self._predictor.device))
         add_validator(self, self._validate_update, self._apply_update)
-        alignment = self._alignment
+
+        # The inference thread and how it is woken: arrivals, resets, and (simulated time) every
+        # forward or backward move of the clock.
+        self._wake = threading.Condition()
+        self._woken = False
+        self._stopping = False
+        self._clock_jumps = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=Duration(nanoseconds=1), min_backward=Duration(nanoseconds=-1),
+                          on_clock_change=True),
+            post_callback=lambda _jump: self._notify())
+        self._publish_tracked([])
+        self._thread = threading.Thread(target=self._inference_loop, name='fusion_inference', daemon=True)
+        self._thread.start()
         self.get_logger().info(
             f"fusion ready: {self._predictor.kind} model from {params['checkpoint']} on "
-            f'{self._predictor.device}; modalities {list(self._used)}; policy {self._policy}; audio slop '
-            f'{alignment.audio_slop_s} s, max wait {alignment.max_wait_s} s, text max age '
-            f'{alignment.text_max_age_s} s')
+            f'{self._predictor.device}; modalities {list(self._used)}; policy {self._policy}; audio '
+            f'{alignment.audio_policy} (slop {alignment.audio_slop_s} s, max age {alignment.audio_max_age_s} '
+            f's), max wait {alignment.max_wait_s} s, text max age {alignment.text_max_age_s} s')
+
+    def destroy_node(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(10.0)
+        self._clock_jumps.unregister()
+        super().destroy_node()
 
     # ------------------------------------------------------------ set-up
 
@@ -129,15 +169,23 @@ class FusionNode(Node):
                 'Modalities to fuse (video is required: it clocks the output); embeddings of the '
                 'others are ignored and masked.', read_only=True)
         declare(self, 'sync_policy', 'video_clocked', 'video_clocked: one output per video frame, audio '
-                'nearest within audio_slop_s, text latest held text_max_age_s. approximate: only frames '
+                'by audio_policy, text latest held text_max_age_s. approximate: only frames '
                 'that message_filters.ApproximateTimeSynchronizer pairs with an audio embedding '
                 '(needs ROS message_filters).', choices=SYNC_POLICIES, read_only=True)
-        declare(self, 'audio_slop_s', defaults.audio_slop_s, 'Audio is matched to a frame within this '
-                'many seconds of its stamp.', min_value=0.0, max_value=10.0)
+        declare(self, 'audio_policy', defaults.audio_policy, 'nearest: the audio embedding nearest the '
+                'frame within audio_slop_s (frames wait for it, at most max_wait_s). causal: the newest '
+                'audio window ending at or before the frame, at most audio_max_age_s old (never waits).',
+                choices=AUDIO_POLICIES, read_only=True)
+        declare(self, 'audio_slop_s', defaults.audio_slop_s, 'nearest policy: audio is matched to a frame '
+                'within this many seconds of its stamp.', min_value=0.0, max_value=10.0)
+        declare(self, 'audio_max_age_s', defaults.audio_max_age_s, 'causal policy: the newest audio '
+                'window is used while it ended at most this long before the frame.', min_value=0.0,
+                max_value=60.0)
         declare(self, 'text_max_age_s', defaults.text_max_age_s, 'A text embedding stays in force this '
                 'long after its stamp.', min_value=0.0, max_value=3600.0)
-        declare(self, 'max_wait_s', defaults.max_wait_s, 'A frame waits at most this long (node clock) '
-                'for its audio; must be >= audio_slop_s.', min_value=0.0, max_value=60.0)
+        declare(self, 'max_wait_s', defaults.max_wait_s, 'nearest policy: a frame waits at most this '
+                'long after its arrival (node clock) for its audio; must be >= audio_slop_s.',
+                min_value=0.0, max_value=60.0)
         declare(self, 'reset_after_s', defaults.reset_after_s, 'A gap without video longer than this '
                 'resets the stream model state; must be > max_wait_s.', min_value=0.0, max_value=3600.0)
         declare(self, 'max_pending_frames', defaults.max_pending_frames, 'Most video frames waiting '
@@ -151,17 +199,20 @@ class FusionNode(Node):
                 min_value=1, max_value=10000, read_only=True)
         declare(self, 'sync_slop_s', 0.1, 'approximate policy: ApproximateTimeSynchronizer slop (s).',
                 min_value=0.0, max_value=10.0, read_only=True)
-        declare(self, 'shared_audio_text', False, 'Audio and text embeddings serve every stream, '
-                'whatever their stream_id (one microphone, several faces).', read_only=True)
+        declare(self, 'shared_audio_text', False, 'Every audio and text embedding serves every stream, '
+                'whatever its stream_id (embeddings with an empty stream_id always do).', read_only=True)
         declare(self, 'max_streams', 16, 'Most streams kept; a new one beyond it evicts the least '
                 'recently active.', min_value=1, max_value=1024, read_only=True)
-        declare(self, 'stream_forget_after_s', 60.0, 'A stream with no embedding for this long (node '
-                'clock) is forgotten: queue and model state.', min_value=1.0, max_value=86400.0,
+        declare(self, 'stream_forget_after_s', 10.0, 'A stream with no embedding for this long (node '
+                'clock) is retired: queue and model state freed.', min_value=0.1, max_value=86400.0,
                 read_only=True)
-        declare(self, 'release_period_s', 0.01, 'How often due frames are looked for (steady clock).',
-                min_value=0.001, max_value=1.0, read_only=True)
         declare(self, 'diagnostics_period_s', 1.0, 'Period of /diagnostics.', min_value=0.1,
                 max_value=60.0, read_only=True)
+
+    def _warn_on_policy_mismatch(self, running: str) -> None:
+        problem = audio_policy_mismatch(self._predictor.audio_policy, running)
+        if problem and AUDIO in self._used:
+            self.get_logger().warning(problem)
 
     def _subscribe(self, params: dict) -> None:
         on_text = lambda msg: self._on_embedding(msg, TEXT)  # noqa: E731
@@ -177,29 +228,25 @@ class FusionNode(Node):
                 raise ValueError("sync_policy 'approximate' pairs video with audio; "
                                  "add 'audio' to modalities")
             subscribers = [message_filters.Subscriber(self, ModalityEmbedding, EMBEDDING_TOPICS[m],
-                                                      qos_profile=RELIABLE_QOS,
-                                                      callback_group=self._ingest_group)
+                                                      qos_profile=RELIABLE_QOS)
                            for m in (VIDEO, AUDIO)]
             self._synchronizer = message_filters.ApproximateTimeSynchronizer(
                 subscribers, int(params['sync_queue_size']), float(params['sync_slop_s']))
             self._synchronizer.registerCallback(self._on_synchronized)
         else:
-            for modality in (VIDEO, AUDIO):
+            # Audio first: when both are ready at one wake-up, audio is handed over before video.
+            for modality in (AUDIO, VIDEO):
                 if modality in self._used:
                     self.create_subscription(ModalityEmbedding, EMBEDDING_TOPICS[modality],
                                              lambda msg, m=modality: self._on_embedding(msg, m),
-                                             RELIABLE_QOS, callback_group=self._ingest_group)
+                                             RELIABLE_QOS)
         if TEXT in self._used:
-            self.create_subscription(ModalityEmbedding, EMBEDDING_TOPICS[TEXT], on_text, TEXT_QOS,
-                                     callback_group=self._ingest_group)
+            self.create_subscription(ModalityEmbedding, EMBEDDING_TOPICS[TEXT], on_text, TEXT_QOS)
 
     # ------------------------------------------------------------ ingest
 
     def _vector(self, msg: ModalityEmbedding, modality: str) -> Optional[np.ndarray]:
-        """The embedding as float32, or None (invalid, refused by the encoder check, or not finite).
-
-        Caller holds the lock.
-        """
+        """The embedding as float32, or None (invalid, refused by the encoder check, or not finite)."""
         counts = self._ingest_counts
         if msg.modality and msg.modality != modality:
             counts[f'rejected_{modality}'] += 1
@@ -229,92 +276,93 @@ class FusionNode(Node):
         return vector
 
     def _on_embedding(self, msg: ModalityEmbedding, modality: str) -> None:
-        stream = msg.stream_id or DEFAULT_STREAM
-        stamp_s = stamp_to_seconds(msg.header.stamp)
-        now_s = self._now_s()
-        with self._lock:
-            vector = self._vector(msg, modality)
-            if modality == VIDEO:
-                meta = (msg.header.stamp, msg.header.frame_id)
-                self._aligner(stream, now_s).add_video(stamp_s, vector, meta=meta)
-            elif self._shared_audio_text:
-                for aligner in self._aligners.values():
-                    aligner.add(modality, stamp_s, vector)
-            else:
-                self._aligner(stream, now_s).add(modality, stamp_s, vector)
+        vector = self._vector(msg, modality)
+        meta = (msg.header.stamp, msg.header.frame_id, msg.roi) if modality == VIDEO else None
+        self._table.add(modality, msg.stream_id, stamp_to_seconds(msg.header.stamp), vector,
+                        self._now_s(), meta=meta)
+        self._notify()
 
     def _on_synchronized(self, video_msg: ModalityEmbedding, audio_msg: ModalityEmbedding) -> None:
         """approximate policy: a video embedding and the audio embedding paired with it."""
-        if (video_msg.stream_id or DEFAULT_STREAM) != (audio_msg.stream_id or DEFAULT_STREAM):
+        if audio_msg.stream_id and (video_msg.stream_id or DEFAULT_STREAM) != audio_msg.stream_id:
             self._ingest_counts['sync_stream_mismatch'] += 1
             return
         self._on_embedding(audio_msg, AUDIO)
         self._on_embedding(video_msg, VIDEO)
 
-    def _aligner(self, stream: str, now_s: float) -> StreamAligner:
-        """The stream's aligner, created on first use (caller holds the lock)."""
-        self._last_activity[stream] = now_s
-        aligner = self._aligners.get(stream)
-        if aligner is None:
-            if len(self._aligners) >= self._max_streams:
-                oldest = min(self._aligners, key=lambda s: self._last_activity.get(s, -math.inf))
-                self._ingest_counts['streams_evicted'] += 1
-                self._ingest_counts['frames_dropped_evicted'] += self._aligners[oldest].pending
-                self._retire(oldest)
-                self.get_logger().warning(f"more than {self._max_streams} streams: evicted '{oldest}'")
-            aligner = self._aligners[stream] = StreamAligner(self._alignment)
-        return aligner
+    def _on_reset(self, request: ResetState.Request, response: ResetState.Response) -> ResetState.Response:
+        stream = request.stream_id.strip()
+        known = self._table.request_reset(stream or None)
+        if not stream:
+            response.success, response.message = True, f'reset {len(known)} streams'
+        elif known:
+            response.success, response.message = True, f"reset stream '{stream}'"
+        else:
+            response.success = False
+            response.message = f"unknown stream '{stream}'; known: {self._table.stream_ids()}"
+        if response.success:
+            self._ingest_counts['resets_service'] += 1
+            self._notify()  # applied before the next model step
+        self.get_logger().info(f'affect/reset: {response.message}')
+        return response
 
-    def _retire(self, stream: str) -> None:
-        """Forget a stream's aligner and model state (caller holds the lock)."""
-        self._retired_stats.update(self._aligners.pop(stream).stats)
-        self._last_activity.pop(stream, None)
-        self._predictor.reset(stream)
+    def _notify(self) -> None:
+        with self._wake:
+            self._woken = True
+            self._wake.notify()
 
-    # ------------------------------------------------------------ inference
+    # ------------------------------------------------------------ inference (its own thread)
 
-    def _on_release_timer(self) -> None:
-        now_s = self._now_s()
-        with self._lock:
-            due = {}
-            for stream, aligner in list(self._aligners.items()):
-                steps = aligner.ready(now_s)
-                idle_s = now_s - self._last_activity.get(stream, now_s)
-                if steps:
-                    due[stream] = steps
-                    # Releasing counts as activity: a clock that starts after the first messages
-                    # (simulated time) must not make a live stream look idle.
-                    self._last_activity[stream] = now_s
-                elif not aligner.pending and idle_s > self._forget_after_s:
-                    self._retire(stream)
-                    self.get_logger().info(f"stream '{stream}' idle for {self._forget_after_s} s: forgotten")
-        if due:
-            self._run(due)
+    def _inference_loop(self) -> None:
+        tracked_version = self._table.version
+        while True:
+            # The deadline and the clock are read outside the condition: a /clock update wakes us
+            # from inside the clock's own call, which must never wait for this thread.
+            wake = self._table.next_wake()
+            now_s = self._now_s()
+            due = wake is not None and now_s + 1e-6 >= wake
+            with self._wake:
+                if self._stopping:
+                    return
+                if not self._woken and not due:
+                    timeout = WAKE_GUARD_S
+                    if wake is not None and not self._sim_time:
+                        timeout = min(timeout, max(wake - now_s, 0.0))
+                    self._wake.wait(timeout)
+                    if self._stopping:
+                        return
+                    if not self._woken:
+                        continue  # the deadline may have passed: look again
+                self._woken = False
+            try:
+                self._infer()
+            except Exception as error:  # keep serving: one bad step must not end the node
+                self._counts['inference_errors'] += 1
+                self._log_error(('inference', type(error).__name__), f'inference failed: {error!r}')
+            if self._table.version != tracked_version:
+                tracked_version = self._table.version
+                self._publish_tracked(self._table.tracked())
 
-    def _run(self, due: dict) -> None:
-        """Run the due steps: round r batches the r-th due step of every stream into one model step."""
-        rounds = max(len(steps) for steps in due.values())
-        for index in range(rounds):
-            batch = [(stream, steps[index]) for stream, steps in due.items() if index < len(steps)]
-            for stream, step in batch:
-                if step.reset:
-                    self._predictor.reset(stream)
-                    self._counts['resets_auto'] += 1
-            started = time.perf_counter()
-            outputs = self._predictor.step([(stream, step.features) for stream, step in batch])
-            self._step_time.add(time.perf_counter() - started)
-            for (stream, step), (valence, arousal, confidence) in zip(batch, outputs):
-                self._publish(stream, step, valence, arousal, confidence)
+    def _infer(self) -> None:
+        started = time.perf_counter()
+        estimates = self._table.run(self._now_s())
+        if not estimates:
+            return
+        self._step_time.add(time.perf_counter() - started)
+        for estimate in estimates:
+            self._publish(estimate)
 
-    def _publish(self, stream: str, step, valence: float, arousal: float, confidence: float) -> None:
-        stamp, frame_id = step.meta
+    def _publish(self, estimate) -> None:
+        step = estimate.step
+        stamp, frame_id, roi = step.meta
         msg = ValenceArousal()
         msg.header.stamp = stamp
         msg.header.frame_id = frame_id
-        msg.stream_id = stream
-        msg.valence = float(np.clip(valence, -1.0, 1.0))
-        msg.arousal = float(np.clip(arousal, -1.0, 1.0))
-        msg.confidence = float(np.clip(confidence, 0.0, 1.0))
+        msg.stream_id = estimate.stream_id
+        msg.roi = roi
+        msg.valence = float(np.clip(estimate.valence, -1.0, 1.0))
+        msg.arousal = float(np.clip(estimate.arousal, -1.0, 1.0))
+        msg.confidence = float(np.clip(estimate.confidence, 0.0, 1.0))
         msg.modalities = int(step.bits)
         self._publisher.publish(msg)
         self._rate.tick()
@@ -322,29 +370,16 @@ class FusionNode(Node):
         self._counts['published'] += 1
         self._last_bits = step.bits
 
-    def _on_reset(self, request: ResetState.Request, response: ResetState.Response) -> ResetState.Response:
-        stream = request.stream_id.strip()
-        with self._lock:
-            known = sorted(set(self._aligners) | set(self._predictor.streams()))
-        if not stream:
-            self._predictor.reset(None)
-            response.success, response.message = True, f'reset {len(known)} streams'
-        elif stream in known:
-            self._predictor.reset(stream)
-            response.success, response.message = True, f"reset stream '{stream}'"
-        else:
-            response.success = False
-            response.message = f"unknown stream '{stream}'; known: {known}"
-        if response.success:
-            self._counts['resets_service'] += 1
-        self.get_logger().info(f'affect/reset: {response.message}')
-        return response
+    def _publish_tracked(self, ids: list) -> None:
+        msg = TrackedStreams(stream_ids=list(ids))
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._tracked_publisher.publish(msg)
 
     # ------------------------------------------------------------ parameters, diagnostics
 
     def _validate_update(self, proposed: dict) -> Optional[str]:
         try:
-            AlignmentConfig.from_parameters(proposed, wait_for_audio=self._alignment.wait_for_audio)
+            AlignmentConfig.from_parameters(proposed, wait_for_audio=self._table.alignment.wait_for_audio)
         except ValueError as error:
             return str(error)
         return None
@@ -354,37 +389,35 @@ class FusionNode(Node):
             return
         current = self._parameter_values()
         current.update(changed)
-        config = AlignmentConfig.from_parameters(current, wait_for_audio=self._alignment.wait_for_audio)
-        with self._lock:
-            self._alignment = config
-            for aligner in self._aligners.values():
-                aligner.config = config
+        self._table.set_alignment(AlignmentConfig.from_parameters(
+            current, wait_for_audio=self._table.alignment.wait_for_audio))
+        self._notify()
+
+    @property
+    def alignment(self) -> AlignmentConfig:
+        """The alignment configuration in force."""
+        return self._table.alignment
 
     def _collect_diagnostics(self) -> tuple:
-        with self._lock:
-            stats = collections.Counter(self._retired_stats)
-            staleness = {}
-            for aligner in self._aligners.values():
-                stats.update(aligner.stats)
-                if aligner.last_video_stamp is None:
-                    continue
-                for modality in self._used:
-                    age = aligner.last_video_stamp - aligner.last_valid_stamp.get(modality, -math.inf)
-                    staleness[modality] = max(staleness.get(modality, -math.inf), age)
-            streams = len(self._aligners)
+        stats = self._table.aligner_stats()
+        staleness = self._table.staleness(self._used)
+        table_counts = self._table.counts
         counts = self._counts + self._ingest_counts
         values = {
             'device': str(self._predictor.device),
             'model': self._predictor.kind,
             'sync_policy': self._policy,
+            'audio_policy': self._table.alignment.audio_policy,
             'modalities': ','.join(self._used),
-            'streams': streams,
+            'streams': len(self._table.stream_ids()),
+            'tracked_streams': ','.join(self._table.tracked()),
             'output_rate_hz': self._rate.rate(),
             'latency_p50_ms': self._latency.percentile(50) * 1e3,
             'latency_p95_ms': self._latency.percentile(95) * 1e3,
             'step_time_p50_ms': self._step_time.percentile(50) * 1e3,
             'step_time_p95_ms': self._step_time.percentile(95) * 1e3,
             'published': counts['published'],
+            'pending_frames': self._table.pending(),
             'last_modalities': ','.join(bits_to_names(self._last_bits)) or 'none',
         }
         for modality in self._used:
@@ -399,10 +432,13 @@ class FusionNode(Node):
             'dropped_duplicate_video': stats['video_duplicate'],
             'early_release_overflow': stats['video_overflow'],
             'dropped_buffer_overflow': stats['audio_overflow'] + stats['text_overflow'],
-            'dropped_evicted_frames': counts['frames_dropped_evicted'],
+            'dropped_evicted_frames': table_counts['frames_dropped_evicted'],
+            'streams_evicted': table_counts['streams_evicted'],
+            'streams_retired': table_counts['streams_retired'],
             'resets_time_backwards': stats['reset_backwards'],
             'resets_gap': stats['reset_gap'],
             'resets_service': counts['resets_service'],
+            'inference_errors': counts['inference_errors'],
         })
         rejected = [m for m in self._used if counts[f'rejected_{m}']]
         if rejected:
@@ -446,6 +482,9 @@ def _check_static_parameters(params: dict) -> None:
                          f'by video')
     if params['sync_policy'] not in SYNC_POLICIES:
         raise ValueError(f"parameter sync_policy='{params['sync_policy']}': expected one of {SYNC_POLICIES}")
+    if params['audio_policy'] not in AUDIO_POLICIES:
+        raise ValueError(f"parameter audio_policy='{params['audio_policy']}': expected one of "
+                         f'{AUDIO_POLICIES}')
 
 
 def main(args=None) -> int:
