@@ -2,8 +2,8 @@
 
 Both see the same input as the TRM: raw features normalised by the model's own buffers, the
 blocks of masked modalities replaced by learned absent vectors (zero-initialised, in the normalised
-space), plus the mask bits themselves. Both output ``tanh``-bounded valence/arousal and the same
-confidence as the TRM (coverage of present modalities times a learned certainty).
+space), plus the mask bits themselves. Both output valence/arousal clamped to [-1, 1] with an
+identity gradient (a linear head, no saturating ``tanh``) and a learned confidence like the TRM's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affective_trm_ros.core.trm import CERTAINTY_BIAS_INIT, DEFAULT_MODALITY_DIMS, FusionModel, validate_modality_dims
+from affective_trm_ros.core.trm import (
+    CERTAINTY_BIAS_INIT,
+    DEFAULT_MODALITY_DIMS,
+    FusionModel,
+    learned_confidence,
+    straight_through_clamp,
+    validate_modality_dims,
+)
 
 
 @dataclass
@@ -64,17 +71,22 @@ class _BaselineInput(FusionModel):
         xn = torch.where(self._feature_mask(mask), self.normalize(x, mask), self.absent_features)
         return torch.cat([xn, mask.to(xn.dtype)], dim=-1)
 
+    #: The confidence output is trained (Gaussian NLL) rather than derived from the mask.
+    learns_confidence = True
+
     def _make_heads(self, hidden: int) -> None:
         self.output_head = nn.Linear(hidden, 2)
         self.certainty_head = nn.Linear(hidden, 1)
         with torch.no_grad():
             self.certainty_head.weight.zero_()
             self.certainty_head.bias.fill_(CERTAINTY_BIAS_INIT)
+        # Kept for checkpoint compatibility; the learned confidence does not use coverage weights.
+        self.modality_weight_logits.requires_grad_(False)
 
     def _heads(self, features: torch.Tensor, mask: torch.Tensor):
-        va = torch.tanh(self.output_head(features))
-        certainty = torch.sigmoid(self.certainty_head(features)).squeeze(-1)
-        return va, self._coverage(mask) * certainty
+        # A clamp with identity gradient, not tanh: a saturated tanh stalls the baseline's training.
+        va = straight_through_clamp(self.output_head(features))
+        return va, learned_confidence(self.certainty_head(features).squeeze(-1), mask)
 
 
 class MemorylessMLP(_BaselineInput):

@@ -100,3 +100,87 @@ def regression_report(pred, true) -> dict:
         metric: float(np.mean([report[name][metric] for name in DIMENSIONS])) for metric in METRICS
     }
     return report
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN pairs are left out."""
+    x, y = _valid_pairs(a, b)
+    if x.size < 2:
+        return math.nan
+
+    def ranks(values: np.ndarray) -> np.ndarray:
+        order = np.argsort(values, kind='mergesort')
+        ranked = np.empty(values.size, np.float64)
+        ranked[order] = np.arange(values.size, dtype=np.float64)
+        # average the ranks of tied values
+        unique, inverse = np.unique(values, return_inverse=True)
+        sums = np.bincount(inverse, weights=ranked)
+        counts = np.bincount(inverse)
+        return (sums / counts)[inverse] if unique.size < values.size else ranked
+
+    return pearson(ranks(x), ranks(y))
+
+
+def mean_sd(values) -> tuple:
+    """(mean, sample standard deviation) of the finite values; sd is NaN for fewer than two."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], np.float64)
+    if finite.size == 0:
+        return math.nan, math.nan
+    return float(finite.mean()), float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+
+
+def bootstrap_sessions_ci(predictions: list, truths: list, metric=None, resamples: int = 1000,
+                          level: float = 0.95, seed: int = 0) -> tuple:
+    """Percentile bootstrap confidence interval of a pooled metric over *sessions*.
+
+    ``predictions[r][s]`` and ``truths[s]``: run r's (T_s, 2) prediction of session s (runs are,
+    e.g., training seeds) and its labels. Each resample draws sessions with replacement, computes
+    ``metric(pooled predictions, pooled labels)`` per run (default: mean CCC over the two
+    dimensions) and averages over runs. Returns (low, high); NaN with fewer than two sessions.
+    """
+    if metric is None:
+        def metric(pred, true):
+            return regression_report(pred, true)['mean']['ccc']
+    sessions = len(truths)
+    if sessions < 2 or not predictions:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        pick = rng.integers(0, sessions, sessions)
+        true = np.concatenate([np.asarray(truths[s], np.float64).reshape(-1, 2) for s in pick])
+        scores = [metric(np.concatenate([np.asarray(run[s], np.float64).reshape(-1, 2) for s in pick]), true)
+                  for run in predictions]
+        values.append(float(np.mean(scores)))
+    values = np.asarray([v for v in values if math.isfinite(v)])
+    if values.size == 0:
+        return math.nan, math.nan
+    tail = (1.0 - level) / 2.0 * 100.0
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))
+
+
+def confidence_vs_error(confidence, predictions, truths, bins: int = 5) -> dict:
+    """How a confidence output relates to the absolute error (mean over the labelled dimensions).
+
+    Returns ``{'n', 'spearman' (confidence vs |error|; negative = informative), 'bins': [{'low',
+    'high', 'frames', 'mean_confidence', 'mean_abs_error'}...]}`` with bins of equal frame counts
+    from the lowest to the highest confidence. Frames without a label or with confidence 0 (no
+    input) are left out.
+    """
+    confidence = np.asarray(confidence, np.float64).reshape(-1)
+    pred = np.asarray(predictions, np.float64).reshape(-1, 2)
+    true = np.asarray(truths, np.float64).reshape(-1, 2)
+    error = np.nanmean(np.abs(pred - true), axis=1) if pred.size else np.zeros(0)
+    keep = np.isfinite(error) & np.isfinite(confidence) & (confidence > 0)
+    confidence, error = confidence[keep], error[keep]
+    result = {'n': int(keep.sum()), 'spearman': spearman(confidence, error), 'bins': []}
+    if confidence.size == 0:
+        return result
+    order = np.argsort(confidence, kind='mergesort')
+    for part in np.array_split(order, min(bins, confidence.size)):
+        result['bins'].append({
+            'low': float(confidence[part].min()), 'high': float(confidence[part].max()),
+            'frames': int(part.size), 'mean_confidence': float(confidence[part].mean()),
+            'mean_abs_error': float(error[part].mean()),
+        })
+    return result

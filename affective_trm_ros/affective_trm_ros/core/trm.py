@@ -16,9 +16,12 @@ What this module adds for streaming affect:
   *carry gate* (on by default) blends each frame's result with the previous state,
   ``s = s_prev + g * (s_new - s_prev)``, so holding a value through a gap is easy to learn and
   gradients have a short path through time.
-* **Bounded output and a confidence**: valence/arousal = ``tanh`` of a linear head on the readout
-  token of ``y``; confidence = ``coverage(mask) * sigmoid(head(y_readout))`` (see
-  :meth:`FusionModel._coverage`).
+* **Bounded output and a learned confidence**: valence/arousal = ``tanh`` of a linear head on the
+  readout token of ``y``; confidence = ``sigmoid(head(y_readout))``, 0 when no modality is present.
+  The confidence encodes a predicted error scale ``sigma`` (:func:`sigma_from_confidence`) and is
+  trained with a Gaussian negative log-likelihood of the valence/arousal error
+  (:mod:`affective_trm_ros.offline.learning.losses`), so a low confidence means a large expected
+  error.
 
 :class:`SeedTRM` reproduces the AffectiveTRM prototype (one token, state reset every frame, linear
 shortcut head on the input, parameter-free input LayerNorm) and loads its published state dict.
@@ -49,10 +52,14 @@ DEFAULT_MODALITY_DIMS = {'audio': 768, 'video': 1280, 'text': 768}
 RMS_NORM_EPS = 1e-5
 # torch.nn.LayerNorm's default epsilon, which the prototype's input normaliser used.
 INPUT_LAYER_NORM_EPS = 1e-5
-# Standard deviations below this are treated as constant features (avoids dividing by ~0).
-MIN_FEATURE_STD = 1e-6
-# Initial bias of the certainty head: sigmoid(3) ~ 0.95, so an untrained head barely discounts coverage.
-CERTAINTY_BIAS_INIT = 3.0
+# Smallest std the normalisation divides by: only a guard against 0 (constant features are found
+# by a relative test in training, see offline/learning/data.py, and get std 1).
+MIN_FEATURE_STD = 1e-12
+# Predicted error std (valence/arousal units) at which the confidence is 0.5:
+# confidence = 1 / (1 + sigma / CONFIDENCE_SIGMA_REF), i.e. sigma = ref * exp(-logit).
+CONFIDENCE_SIGMA_REF = 0.25
+# Initial bias of the certainty head: confidence 0.5 (sigma = CONFIDENCE_SIGMA_REF) before training.
+CERTAINTY_BIAS_INIT = 0.0
 # SwiGLU widths are rounded up to a multiple of this (as in the TRM reference layers).
 SWIGLU_MULTIPLE = 256
 
@@ -71,6 +78,17 @@ def swiglu_width(hidden_size: int, expansion: float, multiple: int = SWIGLU_MULT
 def rms_norm(x: torch.Tensor, eps: float = RMS_NORM_EPS) -> torch.Tensor:
     """Parameter-free RMSNorm over the last dimension, computed in float32."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def learned_confidence(logit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Confidence (B,) from the certainty head's logit (B,): ``sigmoid(logit)``, 0 with no modality."""
+    return torch.sigmoid(logit) * mask.any(-1).to(logit.dtype)
+
+
+def sigma_from_confidence(confidence: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The predicted error std that a learned confidence encodes: ``ref * (1 / c - 1)``."""
+    c = confidence.clamp(eps, 1.0 - eps)
+    return CONFIDENCE_SIGMA_REF * (1.0 - c) / c
 
 
 def validate_modality_dims(modality_dims: dict) -> dict:
@@ -207,6 +225,8 @@ class FusionModel(nn.Module):
     """
 
     kind: str = ''
+    #: True when the confidence output is trained (Gaussian NLL); False when derived from the mask.
+    learns_confidence: bool = False
 
     def __init__(self, modality_dims: dict) -> None:
         super().__init__()
@@ -477,6 +497,11 @@ class StatefulTRM(FusionModel):
         with torch.no_grad():
             self.certainty_head.weight.zero_()
             self.certainty_head.bias.fill_(CERTAINTY_BIAS_INIT)
+        # Kept for checkpoint compatibility; the learned confidence does not use coverage weights.
+        self.modality_weight_logits.requires_grad_(False)
+
+    #: The confidence output is trained (Gaussian NLL) rather than derived from the mask.
+    learns_confidence = True
 
     def initial_state(self, batch_size: int, device=None) -> TRMState:
         device = self.device if device is None else device
@@ -531,8 +556,7 @@ class StatefulTRM(FusionModel):
             z = self._gate(self.carry_gate_z, state.z, z)
         readout = y[:, self.readout_index]
         va = torch.tanh(self.output_head(readout))
-        certainty = torch.sigmoid(self.certainty_head(readout)).squeeze(-1)
-        return va, self._coverage(mask) * certainty, TRMState(y, z)
+        return va, learned_confidence(self.certainty_head(readout).squeeze(-1), mask), TRMState(y, z)
 
 
 # ----------------------------------------------------------------------------------------------

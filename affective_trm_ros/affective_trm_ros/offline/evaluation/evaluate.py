@@ -18,9 +18,14 @@ import numpy as np
 
 from affective_trm_ros.core.checkpoint import check_encoder_spec, load_checkpoint
 from affective_trm_ros.core.device import resolve_device
-from affective_trm_ros.core.metrics import DIMENSIONS, regression_report
+from affective_trm_ros.core.metrics import DIMENSIONS, confidence_vs_error, regression_report
 from affective_trm_ros.offline.learning.data import SessionSource
-from affective_trm_ros.offline.learning.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, SPLIT_NAMES, make_splits
+from affective_trm_ros.offline.learning.splits import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SPLIT_SEED,
+    SPLIT_NAMES,
+    make_splits,
+)
 from affective_trm_ros.offline.learning.train import predict_sessions, to_json_compatible
 
 # Sessions plotted over time in a report (the first N in id order); more would bloat the folder.
@@ -126,6 +131,7 @@ def build_report(predictions: dict, truths: dict, confidence: Optional[dict] = N
     if confidence:
         values = np.concatenate([np.asarray(confidence[s], np.float64) for s in ids])
         report['confidence_mean'] = float(np.nanmean(values)) if values.size else math.nan
+        report['confidence_vs_error'] = confidence_vs_error(values, all_pred, all_true)
     for sid in ids:
         session = regression_report(np.asarray(predictions[sid]), np.asarray(truths[sid]))
         report['per_session'][sid] = {
@@ -163,7 +169,11 @@ def write_report(
     or single arrays for one stream. ``report`` needs a ``'metrics'`` entry (a regression_report);
     other entries are copied to the JSON as they are. Returns {name: path} of the written files.
     """
-    from affective_trm_ros.offline.evaluation.plots import plot_timeseries, plot_va_plane
+    from affective_trm_ros.offline.evaluation.plots import (
+        plot_confidence_error,
+        plot_timeseries,
+        plot_va_plane,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +202,11 @@ def write_report(
             )
             files[f'timeseries_{safe}'] = path
             plotted.append(path.name)
+        if confs and all(s in confs for s in preds):
+            all_conf = np.concatenate([np.asarray(confs[s], np.float64).reshape(-1) for s in preds])
+            files['confidence_error'] = plot_confidence_error(all_conf, all_pred, all_true,
+                                                              out_dir / 'confidence_error.png')
+            plotted.append('confidence_error.png')
         report = {**report, 'plots': ['va_plane.png', *plotted]}
     json_path = out_dir / REPORT_JSON
     json_path.write_text(json.dumps(to_json_compatible(report), indent=2))
@@ -237,6 +252,13 @@ def report_markdown(report: dict, title: str = 'Evaluation') -> str:
         lines.append(f'- Coverage (frames with an output): {_fmt(report["coverage"] * 100, 1)} %')
     if 'confidence_mean' in report:
         lines.append(f'- Mean confidence: {_fmt(report["confidence_mean"])}')
+    if report.get('confidence_vs_error'):
+        relation = report['confidence_vs_error']
+        bins = ', '.join(f"{_fmt(b['mean_confidence'], 2)} -> {_fmt(b['mean_abs_error'])}"
+                         for b in relation['bins'])
+        lines.append(f"- Confidence vs absolute error: Spearman {_fmt(relation['spearman'])} (negative: "
+                     f'lower confidence where the error is larger); mean |error| per confidence quintile: '
+                     f'{bins}')
     if 'modality_presence' in report:
         presence = ', '.join(f'{m} {_fmt(v * 100, 1)} %' for m, v in report['modality_presence'].items())
         lines.append(f'- Modality presence: {presence}')

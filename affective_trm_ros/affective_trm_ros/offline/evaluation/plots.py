@@ -28,13 +28,14 @@ def _pyplot():
 def plot_curves(history: Sequence[dict], path) -> Path:
     """Loss (train/val) and validation CCC (valence, arousal, mean) per epoch."""
     plt = _pyplot()
-    epochs = [row['epoch'] for row in history]
+    axis = 'step' if all('step' in row for row in history) else 'epoch'
+    epochs = [row[axis] for row in history]
     fig, (ax_loss, ax_ccc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [row['train_loss'] for row in history], label='train loss')
     if any(np.isfinite(row.get('val_loss', np.nan)) for row in history):
         ax_loss.plot(epochs, [row.get('val_loss', np.nan) for row in history], label='validation loss')
-    ax_loss.set_xlabel('epoch')
-    ax_loss.set_ylabel('(1 - CCC) + w * MSE')
+    ax_loss.set_xlabel(f'optimiser {axis}' if axis == 'step' else axis)
+    ax_loss.set_ylabel('(1 - CCC) + w * MSE (+ w * NLL)')
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     for key, label in (
@@ -44,9 +45,10 @@ def plot_curves(history: Sequence[dict], path) -> Path:
     ):
         ax_ccc.plot(epochs, [row.get(key, np.nan) for row in history], label=f'validation CCC {label}')
     ax_ccc.plot(
-        epochs, [row.get('train_ccc_mean', np.nan) for row in history], '--', label='train CCC mean (batches)'
+        epochs, [row.get('train_ccc_mean', np.nan) for row in history], '--',
+        label='train CCC mean (whole batch sequences)'
     )
-    ax_ccc.set_xlabel('epoch')
+    ax_ccc.set_xlabel(f'optimiser {axis}' if axis == 'step' else axis)
     ax_ccc.set_ylabel('CCC')
     ax_ccc.legend()
     ax_ccc.grid(alpha=0.3)
@@ -122,6 +124,37 @@ def plot_timeseries(
     axes[-1].set_xlabel('time (s)')
     if title:
         axes[0].set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confidence_error(confidence: np.ndarray, predictions: np.ndarray, truths: np.ndarray, path,
+                          title: str = 'confidence vs absolute error', seed: int = 0) -> Path:
+    """Scatter of each labelled frame's confidence against its absolute error (mean over the two
+    dimensions), with the mean error per confidence quintile."""
+    from affective_trm_ros.core.metrics import confidence_vs_error
+
+    plt = _pyplot()
+    confidence = np.asarray(confidence, np.float64).reshape(-1)
+    pred = np.asarray(predictions, np.float64).reshape(-1, 2)
+    true = np.asarray(truths, np.float64).reshape(-1, 2)
+    error = np.nanmean(np.abs(pred - true), axis=1)
+    keep = np.isfinite(error) & (confidence > 0)
+    summary = confidence_vs_error(confidence, pred, true)
+    points = np.flatnonzero(keep)
+    if points.size > MAX_PLANE_POINTS:
+        points = np.random.default_rng(seed).choice(points, MAX_PLANE_POINTS, replace=False)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(confidence[points], error[points], s=5, alpha=0.3, color='tab:blue', label='frames')
+    if summary['bins']:
+        bins = summary['bins']
+        ax.plot([b['mean_confidence'] for b in bins], [b['mean_abs_error'] for b in bins], 'o-',
+                color='tab:red', label='mean |error| per confidence quintile')
+    ax.set_xlabel('confidence')
+    ax.set_ylabel('|error| (mean of valence and arousal)')
+    ax.set_title(f"{title} (Spearman {summary['spearman']:.2f}, {summary['n']} frames)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small')
     fig.tight_layout()
     return _save(fig, path)
 

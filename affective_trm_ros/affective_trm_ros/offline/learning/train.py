@@ -4,14 +4,19 @@ One loop serves every model kind ('trm', 'seed_trm', 'mlp', 'gru'):
 
 * speaker-independent seeded splits (:mod:`.splits`), input normalisation from the training
   split's statistics, stored inside the model (so serving normalises identically);
-* batches of whole sessions cut into windows for truncated back-propagation through time: the
-  recurrent state is carried from window to window of the same sessions, detached;
-* the loss ``ccc_weight · (1 − CCC) + mse_weight · MSE`` over every labelled frame of a window;
+* batches of whole sessions (or random crops of them), run window by window for truncated
+  back-propagation through time: the recurrent state is carried from window to window, detached,
+  and reset exactly where the fusion node resets it (:func:`~.data.session_resets`);
+* one optimiser step per batch on ``ccc_weight · (1 − CCC) + mse_weight · MSE + nll_weight · NLL``,
+  the CCC computed over the *whole sequences* of the batch (every window's predictions gathered),
+  never over one window (:func:`sequence_loss_backward`);
 * modality dropout (whole modalities hidden for whole windows) so missing inputs are handled;
-* AdamW, linear warm-up then cosine decay, gradient clipping, an exponential moving average of
-  the weights (evaluated and saved), bf16 autocast on CUDA;
-* early stopping on the validation mean CCC; the best (EMA) model is written with
-  :func:`~affective_trm_ros.core.checkpoint.save_checkpoint`, with ``history.csv`` and PNG plots.
+* AdamW, linear warm-up then cosine decay over the counted number of steps, gradient clipping,
+  an exponential moving average of the weights (evaluated and saved), bf16 autocast on CUDA;
+* validation every ``eval_every`` steps on every validation session; early stopping on the mean
+  of the last ``smoothing`` validation scores; the best (EMA) model is written with
+  :func:`~affective_trm_ros.core.checkpoint.save_checkpoint`, with ``history.csv`` and PNG plots;
+  the checkpoint records the features' hash and the thread count.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,9 +41,21 @@ from affective_trm_ros.core.checkpoint import KINDS, build_from_kind, load_check
 from affective_trm_ros.core.device import resolve_device
 from affective_trm_ros.core.metrics import regression_report
 from affective_trm_ros.core.trm import TRMConfig, detach_state
-from affective_trm_ros.offline.learning.data import SessionSource, batches_by_length, collate, input_statistics, modality_dropout
+from affective_trm_ros.offline.learning.data import (
+    Batch,
+    SessionSource,
+    batches_by_length,
+    collate,
+    input_statistics,
+    modality_dropout,
+)
 from affective_trm_ros.offline.learning.losses import CCCMSELoss
-from affective_trm_ros.offline.learning.splits import DEFAULT_FRACTIONS, DEFAULT_SPLIT_SEED, make_splits, split_speakers
+from affective_trm_ros.offline.learning.splits import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SPLIT_SEED,
+    make_splits,
+    split_speakers,
+)
 
 CHECKPOINT_NAME = 'best.pt'
 HISTORY_NAME = 'history.csv'
@@ -45,31 +63,43 @@ HISTORY_NAME = 'history.csv'
 NO_DECAY_KEYS = ('init', 'absent', 'embedding', 'token')
 # Frames per step when predicting whole sessions for evaluation (bounds activation memory).
 EVAL_CHUNK_FRAMES = 512
+# cuBLAS needs this workspace setting for deterministic results (PyTorch's reproducibility notes).
+CUBLAS_DETERMINISTIC_WORKSPACE = ':4096:8'
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (stored in the checkpoint metadata)."""
+    """Everything that defines a training run (stored in the checkpoint metadata).
+
+    Defaults come from the recorded sweep in docs/training.md.
+    """
 
     model: str = 'trm'  # 'trm' | 'seed_trm' | 'mlp' | 'gru'
     model_config: dict = field(default_factory=dict)  # overrides of the model's config fields
     out_dir: str = 'runs/train'
-    epochs: int = 40
-    batch_size: int = 16  # sessions per batch
+    epochs: int = 40  # passes over the training sessions (used when steps is None)
+    steps: Optional[int] = None  # optimiser steps (one per batch); None: epochs x batches per epoch
+    eval_every: Optional[int] = None  # steps between validations; None: once per epoch
+    batch_size: int = 16  # sessions per batch: one optimiser step, one CCC over all of them
     window: int = 64  # frames per truncated-BPTT window
     crop_frames: Optional[int] = None  # train on a random crop of at most this many frames per session
+    graph_frames: int = 16384  # batch frames whose autograd graph is kept at once (else two passes)
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05  # of all optimiser steps
     min_lr_ratio: float = 0.05  # cosine decays to lr * this
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # 0 disables the moving average
-    patience: int = 8  # epochs without validation improvement before stopping
-    min_epochs: int = 1
+    patience: int = 8  # validations without improvement of the smoothed score before stopping
+    smoothing: int = 3  # early stopping watches the mean of the last this many validation scores
+    min_epochs: int = 1  # validations before early stopping may end the run
     ccc_weight: float = 1.0
     mse_weight: float = 0.25
+    nll_weight: float = 0.1  # Gaussian NLL that trains the confidence (models with a learned one)
     modality_dropout: float = 0.15  # per window, stream and modality
+    reset_after_s: Optional[float] = None  # gap that resets the state; None: the store's setting
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (CUDA included)
     device: str = 'auto'
     bf16: bool = True  # autocast to bfloat16 on CUDA (ignored on CPU)
     split_by: str = 'speaker'
@@ -83,12 +113,15 @@ class TrainConfig:
     def validate(self) -> None:
         if self.model not in KINDS:
             raise ValueError(f'unknown model kind {self.model!r}; choose one of {KINDS}')
-        positive = ('epochs', 'batch_size', 'window', 'eval_batch_size', 'min_epochs')
+        positive = ('epochs', 'batch_size', 'window', 'eval_batch_size', 'min_epochs', 'smoothing',
+                    'graph_frames')
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-        if self.crop_frames is not None and self.crop_frames < 1:
-            raise ValueError(f'crop_frames must be >= 1 or None, got {self.crop_frames}')
+        for name in ('steps', 'eval_every', 'crop_frames'):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f'{name} must be >= 1 or None, got {value}')
         if not self.lr > 0:
             raise ValueError(f'lr must be > 0, got {self.lr}')
         if not 0.0 <= self.ema_decay < 1.0:
@@ -99,18 +132,24 @@ class TrainConfig:
             raise ValueError('warmup_fraction must be in [0, 1) and min_lr_ratio in [0, 1]')
         if self.patience < 1:
             raise ValueError(f'patience must be >= 1, got {self.patience}')
+        if self.nll_weight < 0:
+            raise ValueError(f'nll_weight must be >= 0, got {self.nll_weight}')
+        if self.reset_after_s is not None and not self.reset_after_s > 0:
+            raise ValueError(f'reset_after_s must be > 0 or None, got {self.reset_after_s}')
 
 
 @dataclass
 class TrainResult:
     checkpoint_path: Path
     history: list
-    best_epoch: int
-    best_val_ccc: float
+    best_epoch: int  # the validation round whose model was saved (history row 'epoch')
+    best_val_ccc: float  # pooled validation mean CCC of the saved model
     splits: dict
     out_dir: Path
     val_report: dict
     seconds: float
+    best_step: int = 0
+    features_hash: str = ''
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +192,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """PyTorch's deterministic algorithms (CUDA included; raises where an op has none)."""
+    if enabled:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -223,6 +270,23 @@ def run_sequence(model, x: torch.Tensor, mask: torch.Tensor, state):
     return va.reshape(batch, steps, -1), confidence.reshape(batch, steps), state
 
 
+def run_with_resets(model, x: torch.Tensor, mask: torch.Tensor, state, resets: Optional[torch.Tensor]):
+    """:func:`run_sequence` that resets the streams' state before every frame marked in ``resets`` (B, T),
+    as the fusion node does on a backward time jump or a long gap."""
+    if resets is None or not bool(resets.any()) or len(state) == 0:
+        return run_sequence(model, x, mask, state)
+    columns = torch.nonzero(resets.any(0)).flatten().tolist()
+    cuts = sorted(set(columns) | {0, x.shape[1]})
+    outputs, confidences = [], []
+    for start, stop in zip(cuts[:-1], cuts[1:]):
+        if start in columns:
+            state = model.reset_state(state, resets[:, start])
+        va, confidence, state = run_sequence(model, x[:, start:stop], mask[:, start:stop], state)
+        outputs.append(va)
+        confidences.append(confidence)
+    return torch.cat(outputs, 1), torch.cat(confidences, 1), state
+
+
 def _autocast(device: torch.device, enabled: bool):
     if device.type == 'cuda' and enabled:
         return torch.autocast(device_type='cuda', dtype=torch.bfloat16)
@@ -239,7 +303,8 @@ def predict_sessions(
     bf16: bool = False,
     chunk: int = EVAL_CHUNK_FRAMES,
 ) -> dict:
-    """Run the model over whole sessions (state carried over every frame, from the initial state).
+    """Run the model over whole sessions (state carried over every frame, from the initial state,
+    reset where the fusion node would reset it).
 
     Returns session id -> (predictions (T, 2) float32, confidence (T,) float32).
     """
@@ -250,10 +315,9 @@ def predict_sessions(
         state = model.initial_state(len(ids), device)
         preds, confs = [], []
         for start in range(0, batch.x.shape[1], chunk):
+            part = batch.window(start, start + chunk)
             with _autocast(device, bf16):
-                va, confidence, state = run_sequence(
-                    model, batch.x[:, start : start + chunk], batch.mask[:, start : start + chunk], state
-                )
+                va, confidence, state = run_with_resets(model, part.x, part.mask, state, part.resets)
             preds.append(va.float())
             confs.append(confidence.float())
         va = torch.cat(preds, 1).cpu().numpy()
@@ -265,14 +329,19 @@ def predict_sessions(
 
 
 def evaluate_predictions(source: SessionSource, predictions: dict) -> dict:
-    """regression_report over all labelled frames of the sessions in ``predictions``."""
-    preds, truths = [], []
+    """regression_report over all labelled frames of the sessions in ``predictions`` (pooled), plus
+    ``'session_ccc_mean'``: the mean over sessions of each session's mean CCC."""
+    preds, truths, per_session = [], [], []
     for sid, (va, _) in predictions.items():
         preds.append(va)
         truths.append(source.arrays(sid)[2])
+        per_session.append(regression_report(va, truths[-1])['mean']['ccc'])
     if not preds:
         return regression_report(np.zeros((0, 2)), np.zeros((0, 2)))
-    return regression_report(np.concatenate(preds), np.concatenate(truths))
+    report = regression_report(np.concatenate(preds), np.concatenate(truths))
+    finite = [value for value in per_session if math.isfinite(value)]
+    report['session_ccc_mean'] = float(np.mean(finite)) if finite else math.nan
+    return report
 
 
 def _validation_loss(loss_fn, source: SessionSource, predictions: dict) -> float:
@@ -293,7 +362,84 @@ def _write_history(rows: list, path: Path) -> None:
 
 def _score(report: dict) -> float:
     value = report['mean']['ccc']
-    return value if math.isfinite(value) else -math.inf
+    return value if math.isfinite(value) else -1.0
+
+
+def sequence_loss_backward(model, batch: Batch, masks: list, loss_fn: CCCMSELoss, window: int,
+                           device: torch.device, bf16: bool, graph_frames: int):
+    """Forward ``batch`` window by window (state carried, detached between windows, reset where
+    ``batch.resets`` says), compute the loss over the whole sequences and back-propagate it.
+
+    ``masks``: the (augmented) modality mask of every window. The CCC's moments span every frame
+    of every sequence, so each window receives the gradient of the whole-sequence loss with respect
+    to its own predictions. When the batch holds at most ``graph_frames`` frames the graphs of all
+    windows are kept and one backward runs; otherwise a gradient-free pass gives the predictions,
+    the loss's gradient with respect to them is taken, and each window is recomputed (same random
+    state) and back-propagated with its slice of that gradient: the same gradient, one window of
+    memory. Returns the LossParts (loss detached).
+    """
+    learned = getattr(model, 'learns_confidence', False)
+    starts = list(range(0, batch.x.shape[1], window))
+
+    def forward(start, mask, state):
+        part = batch.window(start, start + window)
+        with _autocast(device, bf16):
+            va, confidence, state = run_with_resets(model, part.x, mask, state, part.resets)
+        return va.float(), confidence.float(), detach_state(state)
+
+    def loss_of(va, confidence):
+        return loss_fn(va, batch.labels, batch.valid, confidence if learned else None)
+
+    state = model.initial_state(len(batch.ids), device)
+    if batch.x.shape[0] * batch.x.shape[1] <= graph_frames:
+        outputs, confidences = [], []
+        for start, mask in zip(starts, masks):
+            va, confidence, state = forward(start, mask, state)
+            outputs.append(va)
+            confidences.append(confidence)
+        parts = loss_of(torch.cat(outputs, 1), torch.cat(confidences, 1))
+        if parts.frames:
+            parts.loss.backward()
+        return dataclasses.replace(parts, loss=parts.loss.detach())
+    random_states = []
+    outputs, confidences = [], []
+    with torch.no_grad():
+        for start, mask in zip(starts, masks):
+            random_states.append(_random_state(device))
+            va, confidence, state = forward(start, mask, state)
+            outputs.append(va)
+            confidences.append(confidence)
+    va_all = torch.cat(outputs, 1).requires_grad_(True)
+    confidence_all = torch.cat(confidences, 1).requires_grad_(True)
+    parts = loss_of(va_all, confidence_all)
+    if not parts.frames:
+        return dataclasses.replace(parts, loss=parts.loss.detach())
+    grad_va, grad_confidence = torch.autograd.grad(parts.loss, [va_all, confidence_all], allow_unused=True)
+    after = _random_state(device)
+    state = model.initial_state(len(batch.ids), device)
+    for start, mask, random_state in zip(starts, masks, random_states):
+        _set_random_state(device, random_state)
+        va, confidence, state = forward(start, mask, state)
+        stop = start + va.shape[1]
+        tensors, grads = [va], [grad_va[:, start:stop]]
+        if grad_confidence is not None and confidence.requires_grad:
+            tensors.append(confidence)
+            grads.append(grad_confidence[:, start:stop])
+        if tensors[0].requires_grad:
+            torch.autograd.backward(tensors, grads)
+    _set_random_state(device, after)
+    return dataclasses.replace(parts, loss=parts.loss.detach())
+
+
+def _random_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == 'cuda' else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_random_state(device: torch.device, saved) -> None:
+    torch.set_rng_state(saved[0])
+    if saved[1] is not None:
+        torch.cuda.set_rng_state(saved[1], device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +469,8 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
     started = time.perf_counter()
+    if config.deterministic:
+        set_deterministic(True)
     seed_everything(config.seed)
     device = resolve_device(config.device)
     use_bf16 = config.bf16 and device.type == 'cuda'
@@ -332,108 +480,117 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     splits = resolve_splits(store, config)
     if not splits['train']:
         raise ValueError('the training split is empty; the store needs more sessions/speakers')
-    train_source = SessionSource(store, splits['train'])
+    train_source = SessionSource(store, splits['train'], reset_after_s=config.reset_after_s)
     val_ids = splits['val'] or splits['train']  # tiny stores: select on training data, and say so
-    val_source = train_source if not splits['val'] else SessionSource(store, splits['val'])
+    val_source = (train_source if not splits['val']
+                  else SessionSource(store, splits['val'], reset_after_s=config.reset_after_s))
     if train_source.labelled_frames() == 0:
         raise ValueError('the training split has no labelled frame')
+    features_hash = train_source.digest() + (val_source.digest() if splits['val'] else '')
 
     model = build_model(config.model, store.dims, config.model_config)
     mean, std = input_statistics(train_source, model.block_bounds)
     model.set_normalization(mean, std)
     model.to(device)
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    loss_fn = CCCMSELoss(config.ccc_weight, config.mse_weight)
+    loss_fn = CCCMSELoss(config.ccc_weight, config.mse_weight, config.nll_weight)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr)
     rng = np.random.default_rng(config.seed)
     dropout_gen = torch.Generator().manual_seed(config.seed)
 
-    def windows_per_epoch() -> int:
-        total = 0
-        for ids in batches_by_length(splits['train'], train_source.lengths, config.batch_size, None):
-            longest = max(train_source.lengths[sid] for sid in ids)
-            if config.crop_frames:
-                longest = min(longest, config.crop_frames)
-            total += math.ceil(longest / config.window)
-        return total
-
-    total_steps = max(1, windows_per_epoch() * config.epochs)
+    batches_per_epoch = len(batches_by_length(splits['train'], train_source.lengths, config.batch_size, None))
+    total_steps = int(config.steps or config.epochs * batches_per_epoch)
+    eval_every = int(config.eval_every or batches_per_epoch)
     warmup_steps = int(config.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, config.min_lr_ratio)
     )
 
+    def batch_stream():
+        while True:
+            yield from batches_by_length(splits['train'], train_source.lengths, config.batch_size, rng)
+
     history: list = []
-    best_score, best_epoch, best_report = -math.inf, 0, {}
+    best_smoothed, best_epoch, best_step, best_score, best_report = -math.inf, 0, 0, -math.inf, {}
     checkpoint_path = out_dir / CHECKPOINT_NAME
-    epochs_without_gain = 0
+    evaluations_without_gain = 0
     meta_base = {
         'train_config': to_json_compatible(dataclasses.asdict(config)),
         'splits': splits,
         'split_speakers': split_speakers(splits, store.speakers()),
         'store': str(Path(store.root).resolve()),
         'store_info': store.info,
+        'features_hash': features_hash,
+        'torch_threads': torch.get_num_threads(),
+        'torch_version': torch.__version__,
+        'deterministic': bool(config.deterministic),
         'model_parameters': model.num_parameters(),
     }
-    for epoch in range(1, config.epochs + 1):
+    stream = batch_stream()
+    bar = tqdm(total=total_steps, desc=f'training {config.model}', unit='step', leave=False,
+               disable=not config.progress)
+    running = {'loss': 0.0, 'ccc': np.zeros(2), 'nll': 0.0, 'steps': 0}
+    for step in range(1, total_steps + 1):
         model.train()
-        epoch_loss, epoch_ccc, windows = 0.0, np.zeros(2), 0
-        batches = batches_by_length(splits['train'], train_source.lengths, config.batch_size, rng)
-        bar = tqdm(
-            batches,
-            desc=f'epoch {epoch}/{config.epochs}',
-            unit='batch',
-            leave=False,
-            disable=not config.progress,
-        )
-        for ids in bar:
-            crops = _random_crops(ids, train_source.lengths, config.crop_frames, rng)
-            batch = collate(train_source, ids, crops).to(device)
-            state = model.initial_state(len(ids), device)
-            for start in range(0, batch.x.shape[1], config.window):
-                part = batch.window(start, start + config.window)
-                mask = modality_dropout(part.mask, part.valid, config.modality_dropout, dropout_gen)
-                with _autocast(device, use_bf16):
-                    va, _, state = run_sequence(model, part.x, mask, state)
-                parts = loss_fn(va.float(), part.labels, part.valid)
-                state = detach_state(state)
-                if parts.frames == 0:  # nothing labelled in this window: carry the state on
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model)
-                epoch_loss += float(parts.loss.detach())
-                epoch_ccc += parts.ccc.cpu().numpy()
-                windows += 1
-            bar.set_postfix(loss=f'{epoch_loss / max(windows, 1):.3f}')
+        ids = next(stream)
+        crops = _random_crops(ids, train_source.lengths, config.crop_frames, rng)
+        batch = collate(train_source, ids, crops).to(device)
+        masks = [modality_dropout(batch.mask[:, start:start + config.window],
+                                  batch.valid[:, start:start + config.window], config.modality_dropout,
+                                  dropout_gen)
+                 for start in range(0, batch.x.shape[1], config.window)]
+        optimizer.zero_grad(set_to_none=True)
+        parts = sequence_loss_backward(model, batch, masks, loss_fn, config.window, device, use_bf16,
+                                       config.graph_frames)
+        if parts.frames:
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            running['loss'] += float(parts.loss)
+            running['ccc'] += parts.ccc.cpu().numpy()
+            running['nll'] += parts.nll if math.isfinite(parts.nll) else 0.0
+            running['steps'] += 1
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        bar.update(1)
+        bar.set_postfix(loss=f"{running['loss'] / max(running['steps'], 1):.3f}")
+        if step % eval_every and step != total_steps:
+            continue
         eval_model = ema.shadow if ema is not None else model
-        predictions = predict_sessions(
-            eval_model, val_source, val_ids, device, config.eval_batch_size, use_bf16
-        )
+        predictions = predict_sessions(eval_model, val_source, val_ids, device, config.eval_batch_size,
+                                       use_bf16)
         report = evaluate_predictions(val_source, predictions)
+        score = _score(report)
+        epoch = len(history) + 1
+        recent = [row['val_ccc_mean_score'] for row in history[-(config.smoothing - 1):]] + [score] \
+            if config.smoothing > 1 else [score]
+        smoothed = float(np.mean(recent))
+        done = max(running['steps'], 1)
         row = {
             'epoch': epoch,
+            'step': step,
             'lr': optimizer.param_groups[0]['lr'],
-            'train_loss': epoch_loss / max(windows, 1),
-            'train_ccc_mean': float(epoch_ccc.mean() / max(windows, 1)),
+            'train_loss': running['loss'] / done,
+            'train_ccc_mean': float(running['ccc'].mean() / done),
+            'train_nll': running['nll'] / done,
             'val_loss': _validation_loss(loss_fn, val_source, predictions),
             'val_ccc_valence': report['valence']['ccc'],
             'val_ccc_arousal': report['arousal']['ccc'],
             'val_ccc_mean': report['mean']['ccc'],
+            'val_ccc_mean_score': score,
+            'val_ccc_smoothed': smoothed,
+            'val_session_ccc_mean': report.get('session_ccc_mean', math.nan),
             'val_rmse_mean': report['mean']['rmse'],
             'seconds': time.perf_counter() - started,
         }
+        running = {'loss': 0.0, 'ccc': np.zeros(2), 'nll': 0.0, 'steps': 0}
         history.append(row)
         _write_history(history, out_dir / HISTORY_NAME)
-        score = _score(report)
-        if score > best_score:
-            best_score, best_epoch, best_report = score, epoch, report
-            epochs_without_gain = 0
+        if smoothed > best_smoothed:
+            best_smoothed, best_epoch, best_step = smoothed, epoch, step
+            best_score, best_report = score, report
+            evaluations_without_gain = 0
             save_checkpoint(
                 checkpoint_path,
                 _cpu_copy(eval_model),
@@ -441,21 +598,23 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
                 {
                     **meta_base,
                     'epoch': epoch,
+                    'step': step,
                     'val_report': to_json_compatible(report),
+                    'val_ccc_smoothed': smoothed,
                     'validation_split': 'val' if splits['val'] else 'train (no validation sessions)',
                 },
             )
         else:
-            epochs_without_gain += 1
+            evaluations_without_gain += 1
         if config.progress:
-            print(
-                f'epoch {epoch:3d}  loss {row["train_loss"]:.4f}  val CCC v {row["val_ccc_valence"]:.3f} '
-                f'a {row["val_ccc_arousal"]:.3f} mean {row["val_ccc_mean"]:.3f}'
-                f'{"  *" if best_epoch == epoch else ""}',
-                flush=True,
+            bar.write(
+                f'step {step:5d}  loss {row["train_loss"]:.4f}  val CCC v {row["val_ccc_valence"]:.3f} '
+                f'a {row["val_ccc_arousal"]:.3f} mean {row["val_ccc_mean"]:.3f} (smoothed {smoothed:.3f})'
+                f'{"  *" if best_epoch == epoch else ""}'
             )
-        if epochs_without_gain >= config.patience and epoch >= config.min_epochs:
+        if evaluations_without_gain >= config.patience and epoch >= config.min_epochs:
             break
+    bar.close()
     if config.plots:
         from affective_trm_ros.offline.evaluation.plots import plot_curves, plot_va_plane
 
@@ -468,15 +627,21 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
             preds,
             truths,
             out_dir / 'va_plane_val.png',
-            title=f'{config.model} on validation (epoch {best_epoch})',
+            title=f'{config.model} on validation (step {best_step})',
         )
     summary = {
         'checkpoint': str(checkpoint_path),
         'best_epoch': best_epoch,
+        'best_step': best_step,
         'best_val_ccc_mean': best_score,
-        'epochs_run': len(history),
+        'best_val_ccc_smoothed': best_smoothed,
+        'evaluations_run': len(history),
+        'steps_run': history[-1]['step'] if history else 0,
+        'total_steps': total_steps,
         'val_report': best_report,
         'splits': {k: len(v) for k, v in splits.items()},
+        'features_hash': features_hash,
+        'torch_threads': torch.get_num_threads(),
         'seconds': time.perf_counter() - started,
     }
     (out_dir / 'summary.json').write_text(json.dumps(to_json_compatible(summary), indent=2))
@@ -489,6 +654,8 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         out_dir,
         best_report,
         time.perf_counter() - started,
+        best_step,
+        features_hash,
     )
 
 
