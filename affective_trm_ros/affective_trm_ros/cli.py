@@ -28,6 +28,17 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default (unless its text already states one, or it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if (not action.option_strings or '%(default)' in text or 'default' in text.lower()
+                or action.default in (None, False, argparse.SUPPRESS) or action.default == []):
+            return text
+        return f'{text} (default: %(default)s)'
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='affective-trm', description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -43,8 +54,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(f'affective_trm_ros.commands.{COMMANDS[argv[0]][0]}')
-        sub = argparse.ArgumentParser(prog=f'affective-trm {argv[0]}',
-                                      description=COMMANDS[argv[0]][1])
+        sub = argparse.ArgumentParser(prog=f'affective-trm {argv[0]}', description=COMMANDS[argv[0]][1],
+                                      formatter_class=HelpFormatter)
         module.add_arguments(sub)
         args = sub.parse_args(argv[1:])
         try:

@@ -19,6 +19,7 @@ from affective_trm_ros.offline.io.bags import (
     BagWriter,
     affective_typestore,
     make_header,
+    new_message,
     ns_to_time,
     time_to_ns,
 )
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 MSG_FILES = {
     'affective_msgs/msg/ModalityEmbedding': REPO / 'affective_msgs/msg/ModalityEmbedding.msg',
     'affective_msgs/msg/ValenceArousal': REPO / 'affective_msgs/msg/ValenceArousal.msg',
+    'affective_msgs/msg/TrackedStreams': REPO / 'affective_msgs/msg/TrackedStreams.msg',
     'audio_common_msgs/msg/AudioData': REPO / 'tools/test_interfaces/audio_common_msgs/msg/AudioData.msg',
     'audio_common_msgs/msg/AudioDataStamped':
         REPO / 'tools/test_interfaces/audio_common_msgs/msg/AudioDataStamped.msg',
@@ -52,9 +54,9 @@ def _write_sample(path, storage='mcap', compress=True):
             image = types[IMAGE](header=make_header(stamp, 'cam'), height=4, width=6, encoding='rgb8',
                                  is_bigendian=0, step=18, data=pixels)
             bag.write('/image_raw', stamp, image)
-            bag.write('/affect/ground_truth', stamp, types[VALENCE_AROUSAL](
-                header=make_header(stamp, 'cam'), stream_id='default', valence=0.1 * k, arousal=-0.1 * k,
-                confidence=1.0, modalities=0))
+            bag.write('/affect/ground_truth', stamp, new_message(
+                VALENCE_AROUSAL, header=make_header(stamp, 'cam'), stream_id='default', valence=0.1 * k,
+                arousal=-0.1 * k, confidence=1.0))
         audio = types['audio_common_msgs/msg/AudioData'](data=np.arange(8, dtype=np.uint8))
         chunk = types[AUDIO_DATA_STAMPED](header=make_header(2_000_000_000), audio=audio)
         bag.write('/audio', 2_010_000_000, chunk)
@@ -109,6 +111,17 @@ def test_raw_bytes_are_what_rclpy_publishes(tmp_path):
             # and back: what rclpy serialises (padding bytes may differ) decodes to the same message
             again = bag.store.deserialize_cdr(serialization.serialize_message(ros), message.msgtype)
             assert repr(again) == repr(decoded)
+
+
+def test_new_message_fills_unset_fields_with_ros_defaults():
+    message = new_message(VALENCE_AROUSAL, header=make_header(7), stream_id='face_1', valence=0.5)
+    assert (message.stream_id, message.valence, message.arousal, message.modalities) == ('face_1', 0.5, 0.0, 0)
+    assert (message.roi.width, message.roi.do_rectify, message.header.stamp.nanosec) == (0, False, 7)
+    embedding = new_message('affective_msgs/msg/ModalityEmbedding', modality='video')
+    assert embedding.data.dtype == np.float32 and embedding.data.size == 0
+    assert embedding.expression_classes == []
+    with pytest.raises(TypeError, match=r"has no field\(s\) \['colour'\]"):
+        new_message(VALENCE_AROUSAL, colour='red')
 
 
 def test_bags_carry_definitions_that_standard_readers_use(tmp_path):

@@ -231,7 +231,8 @@ def test_prepare_command_runs_the_real_plugins(tmp_path, capsys):
     root = tmp_path / 'CREMA-D'
     (root / 'AudioWAV').mkdir(parents=True)
     (root / 'VideoFlash').mkdir()
-    face = cv2.resize(astronaut(), (128, 128))
+    # 256 px: the face stays findable at the tracked face path's detection scale (0.5) after FLV coding
+    face = cv2.resize(astronaut(), (256, 256))
     for name in ('1001_DFA_ANG_XX', '1002_IEO_HAP_HI'):
         write_wav(root / 'AudioWAV' / f'{name}.wav', 1.0)
         write_video(root / 'VideoFlash' / f'{name}.flv', 16, image=face)

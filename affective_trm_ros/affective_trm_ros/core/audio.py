@@ -147,6 +147,11 @@ def rms_dbfs(samples: np.ndarray) -> float:
     return 20.0 * math.log10(rms) if rms > 0 else -math.inf
 
 
+def dbfs_to_amplitude(level_dbfs: float) -> float:
+    """A level in dB full scale as an RMS amplitude (full scale 1.0): -20 dBFS -> 0.1."""
+    return 10.0 ** (float(level_dbfs) / 20.0)
+
+
 def is_silent(samples: np.ndarray, threshold_dbfs: float = DEFAULT_SILENCE_THRESHOLD_DBFS) -> bool:
     """True when the RMS level of ``samples`` is below ``threshold_dbfs`` (an empty window is silent)."""
     return rms_dbfs(samples) < threshold_dbfs

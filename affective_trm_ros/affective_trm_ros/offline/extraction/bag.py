@@ -2,7 +2,8 @@
 
 :func:`extract_embeddings` turns a bag's raw topics into per-modality embeddings exactly as the
 encoder nodes do — ``core.image`` conversion, ``core.audio`` decoding/windowing/silence gate,
-``core.utterance`` text preparation and the same encoder plugins — stamping them the way the
+``core.utterance`` text preparation and the same encoder plugins, fed through the one extraction
+pipeline (:class:`~.pipeline.EmbeddingCollector`) every source uses — stamping them the way the
 nodes stamp theirs (image stamp; audio window end; the speech message's log time, which is the
 simulated clock time at which a replayed text message arrives). :func:`prepare_bag` aligns them
 with the fusion node's policy (``core.alignment``), attaches labels (a ground-truth
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -28,20 +28,21 @@ from typing import Any, Optional
 
 import numpy as np
 
-from affective_trm_ros.core.alignment import AlignmentConfig, align_events, steps_to_arrays
-from affective_trm_ros.core.audio import (
-    DEFAULT_HOP_S,
-    DEFAULT_SILENCE_THRESHOLD_DBFS,
-    DEFAULT_WINDOW_S,
-    AudioDecodeError,
-    AudioFormat,
-    AudioStreamProcessor,
-    embed_windows,
-)
-from affective_trm_ros.core.encoders.base import Encoder, load_encoder
+from affective_trm_ros.core.alignment import AlignmentConfig
+from affective_trm_ros.core.audio import AudioDecodeError, AudioFormat, AudioStreamProcessor
+from affective_trm_ros.core.encoders.base import Encoder
 from affective_trm_ros.core.image import ImageDecodeError, compressed_to_rgb, image_to_rgb
-from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
-from affective_trm_ros.core.utterance import prepare_utterance
+from affective_trm_ros.core.modalities import AUDIO, TEXT, VIDEO
+from affective_trm_ros.core.stamps import ns_to_seconds
+from affective_trm_ros.offline.extraction.pipeline import (
+    DEFAULT_BATCH_SIZE,
+    EmbeddingCollector,
+    VideoPath,
+    align_embeddings,
+    check_label_coverage,
+    encoder_spec,
+)
+from affective_trm_ros.offline.extraction.settings import AudioOptions, NodeSettings, node_parameters
 from affective_trm_ros.offline.io.bags import (
     AUDIO_DATA,
     AUDIO_DATA_STAMPED,
@@ -55,13 +56,16 @@ from affective_trm_ros.offline.io.bags import (
 )
 from affective_trm_ros.offline.io.feature_store import FeatureStore
 
+__all__ = ['AudioOptions', 'BagTopics', 'NodeSettings', 'encoder_spec', 'extract_embeddings',
+           'labels_from_csv', 'labels_from_topic', 'node_parameters', 'ns_to_s', 'prepare_bag',
+           'prepare_bag_sessions']
+
 PREPARATION_VERSION = 1  # bump when the same inputs would give different features
-# Frames are encoded in batches of this size offline (the node encodes one at a time; plugins give
-# the same numbers either way).
-DEFAULT_BATCH_SIZE = 16
 # A ground-truth message labels the video frame whose stamp is within this of its own.
 LABEL_STAMP_TOLERANCE_S = 0.010
 _SESSION_ID_UNSAFE = re.compile(r'[^A-Za-z0-9._-]+')
+ns_to_s = ns_to_seconds  # the name the demo and replay use
+DEFAULT_AUDIO = AudioOptions()
 
 
 @dataclass(frozen=True)
@@ -76,284 +80,122 @@ class BagTopics:
     ground_truth: str = 'affect/ground_truth'
 
 
-@dataclass(frozen=True)
-class AudioOptions:
-    """The audio node's windowing parameters (and the stream format when the bag has no audio_info)."""
-
-    window_s: float = DEFAULT_WINDOW_S
-    hop_s: float = DEFAULT_HOP_S
-    silence_threshold_dbfs: float = DEFAULT_SILENCE_THRESHOLD_DBFS
-    sample_rate: int = 16000
-    channels: int = 1
-    sample_format: str = 'S16LE'
-
-
 @dataclass
 class BagEmbeddings:
-    """Per-modality embeddings of one bag, in stamp order: lists of (stamp_s, vector | None)."""
+    """Per-modality embeddings of one bag, in stamp order: lists of (stamp_s, vector | None);
+    ``video_streams``: the video embeddings per stream (person)."""
 
     embeddings: dict = field(default_factory=dict)
     identities: dict = field(default_factory=dict)   # modality -> '<plugin>@<weights>'
     video_stamps_ns: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)       # decode errors, silent windows, ...
+    collector: Optional[EmbeddingCollector] = None
 
-    def events(self) -> list:
-        """(modality, stamp_s, vector|None) events for core.alignment.align_events."""
-        return [(modality, stamp, vector) for modality, items in self.embeddings.items()
-                for stamp, vector in items]
+    @property
+    def video_streams(self) -> dict:
+        return self.collector.video_streams if self.collector else {}
 
+    def streams(self) -> list:
+        return self.collector.streams() if self.collector else []
 
-def ns_to_s(stamp_ns: int) -> float:
-    """Stamp in seconds as the nodes compute it from a builtin_interfaces/Time (sec + nanosec)."""
-    return int(stamp_ns // 1_000_000_000) + int(stamp_ns % 1_000_000_000) * 1e-9
-
-
-def load_encoders(plugins: Mapping[str, str], *, device: str = 'cpu', allow_untrained: bool = False,
-                  options: Optional[Mapping[str, dict]] = None) -> dict:
-    """modality -> plugin id  ==>  modality -> loaded Encoder (FEATURE_ORDER)."""
-    options = options or {}
-    encoders = {}
-    for modality in FEATURE_ORDER:
-        if modality in plugins:
-            encoder = load_encoder(plugins[modality], device=device, allow_untrained=allow_untrained,
-                                   **dict(options.get(modality, {})))
-            if encoder.modality != modality:
-                raise ValueError(f"encoder '{plugins[modality]}' encodes {encoder.modality}, not {modality}")
-            encoders[modality] = encoder
-    unknown = set(plugins) - set(FEATURE_ORDER)
-    if unknown:
-        raise ValueError(f'unknown modalities {sorted(unknown)}; expected some of {FEATURE_ORDER}')
-    return encoders
-
-
-def encoder_spec(encoders: Mapping[str, Encoder]) -> list:
-    """The feature store / checkpoint encoder spec of loaded encoders (plus their identities)."""
-    return [{'modality': m, 'encoder': encoders[m].plugin_id, 'dim': int(encoders[m].dim),
-             'identity': encoders[m].identity} for m in FEATURE_ORDER if m in encoders]
-
-
-# ---------------------------------------------------------------- the nodes' settings, offline
-
-# Node parameters each encoder node offers to its plugin (when the plugin's constructor takes them).
-VIDEO_NODE_OPTIONS = ('detector', 'face_margin', 'min_face_size', 'min_face_confidence')
-
-
-def node_parameters(node: str, system_config=None, overrides: Optional[Mapping[str, Any]] = None,
-                    config_directory=None) -> dict:
-    """The parameters ``node`` runs with: its config/<node>.yaml, the system file, then ``overrides``.
-
-    Parameter files are read the way ``--params-file`` applies them: the ``ros__parameters`` of
-    every section whose key matches the node ('/**', '/**/<node>', '<node>', '/<node>').
-    """
-    import yaml
-
-    from affective_trm_ros.system import NODES_BY_NAME, SYSTEM_CONFIG, config_dir, parameter_files
-
-    directory = Path(config_directory) if config_directory else config_dir()
-    system_config = Path(system_config) if system_config else directory / SYSTEM_CONFIG
-    values: dict = {}
-    for path in parameter_files(NODES_BY_NAME[node], system_config if system_config.is_file() else None,
-                                directory):
-        document = yaml.safe_load(Path(path).read_text()) or {}
-        for key, section in document.items():
-            if key in ('/**', f'/**/{node}', node, f'/{node}') and isinstance(section, dict):
-                values.update(section.get('ros__parameters') or {})
-    values.update(overrides or {})
-    return values
-
-
-@dataclass
-class NodeSettings:
-    """What offline extraction needs to match the nodes: plugins, their options, windowing, alignment."""
-
-    plugins: dict            # modality -> plugin id
-    options: dict            # modality -> plugin constructor options (as the node passes them)
-    allow_untrained: dict    # modality -> bool
-    audio: AudioOptions
-    alignment: AlignmentConfig
-    weights: dict = field(default_factory=dict)  # modality -> explicit weight path (None = the cache)
-
-    @classmethod
-    def from_parameters(cls, parameters: Mapping[str, Mapping[str, Any]],
-                        modalities=FEATURE_ORDER) -> NodeSettings:
-        """From effective node parameters: {'video_encoder': {...}, 'audio_encoder': {...}, ...}."""
-        from affective_trm_ros.core.encoders.base import encoder_class
-
-        plugins, options, untrained, weights = {}, {}, {}, {}
-        for modality in modalities:
-            params = dict(parameters.get(f'{modality}_encoder', {}))
-            if not params:
-                continue
-            plugins[modality] = str(params['plugin'])
-            offered = {}
-            if modality == VIDEO:
-                offered = {name: params[name] for name in VIDEO_NODE_OPTIONS if name in params}
-            elif modality == AUDIO and 'silence_threshold_dbfs' in params:
-                offered = {'silence_threshold': 10.0 ** (float(params['silence_threshold_dbfs']) / 20.0)}
-            accepted = inspect.signature(encoder_class(plugins[modality]).__init__).parameters
-            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-            offered = {k: v for k, v in offered.items() if takes_any or k in accepted}
-            options[modality] = {**offered, **json.loads(params.get('encoder_options', '{}') or '{}')}
-            untrained[modality] = bool(params.get('allow_untrained', False))
-            weights[modality] = str(params.get('weights', '') or '') or None
-        audio_params = dict(parameters.get('audio_encoder', {}))
-        defaults = AudioOptions()
-        audio = AudioOptions(**{f: type(getattr(defaults, f))(audio_params[f]) for f in
-                                ('window_s', 'hop_s', 'silence_threshold_dbfs', 'sample_rate', 'channels',
-                                 'sample_format') if f in audio_params})
-        alignment = AlignmentConfig.from_parameters(dict(parameters.get('fusion', {})),
-                                                    wait_for_audio=AUDIO in plugins)
-        return cls(plugins, options, untrained, audio, alignment, weights)
-
-    def load_encoders(self, device: str = 'cpu') -> dict:
-        """The encoders, constructed exactly as the nodes construct theirs."""
-        encoders = {}
-        for modality in FEATURE_ORDER:
-            if modality in self.plugins:
-                options = dict(self.options[modality])
-                if self.weights.get(modality):
-                    options['weights'] = self.weights[modality]
-                encoders.update(load_encoders({modality: self.plugins[modality]}, device=device,
-                                              allow_untrained=self.allow_untrained[modality],
-                                              options={modality: options}))
-        return encoders
+    def events(self, stream_id: Optional[str] = None) -> list:
+        """(modality, stamp_s, vector|None) events of one stream (default: the only one) for alignment."""
+        return self.collector.events(stream_id)
 
 
 # ---------------------------------------------------------------- extraction
 
-class _Batcher:
-    """Collects inputs with their stamps and encodes them batch by batch."""
-
-    def __init__(self, encode, batch_size: int, sink: list) -> None:
-        self._encode = encode
-        self._batch_size = batch_size
-        self._stamps: list = []
-        self._inputs: list = []
-        self._sink = sink
-
-    def add(self, stamp_s: float, item: Any) -> None:
-        self._stamps.append(stamp_s)
-        self._inputs.append(item)
-        if len(self._inputs) >= self._batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._inputs:
-            vectors = self._encode(self._inputs)
-            self._sink.extend(zip(self._stamps, vectors))
-            self._stamps, self._inputs = [], []
+def _bag_inputs(bag: BagReader, encoders: Mapping[str, Encoder], topics: BagTopics, counts: dict) -> dict:
+    """recorded topic -> what it feeds ('video', 'audio_info', 'audio', 'text')."""
+    image_topic = bag.find_topic(topics.image) or bag.find_topic(topics.compressed_image)
+    if image_topic is None:  # the frames clock the fused steps, with or without a video encoder
+        bag.require([topics.image])
+    wanted = {image_topic: VIDEO}
+    if AUDIO in encoders:
+        wanted[bag.require([topics.audio])[0]] = AUDIO
+        info_topic = bag.find_topic(topics.audio_info)
+        if info_topic:
+            wanted[info_topic] = 'audio_info'
+    if TEXT in encoders:
+        speech_topic = bag.find_topic(topics.speech)
+        if speech_topic is None:
+            counts['speech_topic_missing'] = 1  # no speech recorded: text stays masked
+        else:
+            wanted[speech_topic] = TEXT
+    return wanted
 
 
-def _encode_rows(encoder: Encoder):
-    """encode_batch -> list of vectors (None for invalid rows)."""
-    def encode(inputs: list) -> list:
-        result = encoder.encode_batch(inputs)
-        return [np.asarray(result.embeddings[i], np.float32) if result.valid[i] else None
-                for i in range(len(inputs))]
-    return encode
+class _BagFeeder:
+    """Decodes a bag's messages the way the nodes decode them and feeds the extraction pipeline."""
 
+    def __init__(self, collector: EmbeddingCollector, encoders: Mapping[str, Encoder], audio: AudioOptions,
+                 video_stamps_ns: list) -> None:
+        self.collector, self.counts, self.video_stamps_ns = collector, collector.counts, video_stamps_ns
+        self.audio_format = AudioFormat(audio.sample_rate, audio.channels, audio.sample_format)
+        self.processor = None
+        if AUDIO in encoders:
+            self.processor = AudioStreamProcessor(sample_rate_out=int(encoders[AUDIO].sample_rate or 16000),
+                                                  window_s=audio.window_s, hop_s=audio.hop_s)
 
-def _encode_frames(encoder: Encoder):
-    """Video: frames that failed to decode (None) become invalid embeddings, like in the node."""
-    encode_rows = _encode_rows(encoder)
+    def feed(self, kind: str, message: Any, decoded: Any) -> None:
+        getattr(self, f'_{kind}')(message, decoded)
 
-    def encode(frames: list) -> list:
-        decodable = [i for i, frame in enumerate(frames) if frame is not None]
-        vectors: list = [None] * len(frames)
-        for i, vector in zip(decodable, encode_rows([frames[i] for i in decodable]) if decodable else []):
-            vectors[i] = vector
-        return vectors
-    return encode
+    def _video(self, message: Any, decoded: Any) -> None:
+        stamp_ns = time_to_ns(decoded.header.stamp)
+        self.video_stamps_ns.append(stamp_ns)
+        frame = None  # without a video encoder the frames only clock the steps
+        if VIDEO in self.collector.encoders:
+            frame = _frame_or_none(message.msgtype, decoded, self.counts)
+        self.collector.add_frame(ns_to_seconds(stamp_ns), frame)
+
+    def _audio_info(self, message: Any, decoded: Any) -> None:
+        self.audio_format = AudioFormat(int(decoded.sample_rate), int(decoded.channels),
+                                        str(decoded.sample_format), str(decoded.coding_format))
+
+    def _audio(self, message: Any, decoded: Any) -> None:
+        try:
+            if message.msgtype == AUDIO_DATA_STAMPED:
+                windows = self.processor.process(decoded.audio.data, self.audio_format,
+                                                 ns_to_seconds(time_to_ns(decoded.header.stamp)))
+            elif message.msgtype == AUDIO_DATA:
+                windows = self.processor.process_headerless(decoded.data, self.audio_format,
+                                                            ns_to_seconds(message.log_time_ns))
+            else:
+                raise BagError(f"topic '{message.topic}' has type {message.msgtype}; "
+                               f'expected {AUDIO_DATA_STAMPED} or {AUDIO_DATA}')
+        except AudioDecodeError:
+            self.counts['audio_decode_errors'] = self.counts.get('audio_decode_errors', 0) + 1
+            return
+        self.collector.add_audio_windows(windows)
+
+    def _text(self, message: Any, decoded: Any) -> None:
+        if message.msgtype != STRING:
+            raise BagError(f"topic '{message.topic}' has type {message.msgtype}; expected {STRING}")
+        self.collector.add_text(ns_to_seconds(message.log_time_ns), decoded.data)
 
 
 def extract_embeddings(bag_path: str | Path, encoders: Mapping[str, Encoder], *,
-                       topics: BagTopics = BagTopics(), audio: AudioOptions = AudioOptions(),
-                       batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> BagEmbeddings:
-    """Run the encoder nodes' processing over a bag; one pass in log-time order."""
-    if batch_size < 1:
-        raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-    result = BagEmbeddings(identities={m: e.identity for m, e in encoders.items()})
-    counts = result.counts
+                       topics: BagTopics = BagTopics(), audio: AudioOptions = DEFAULT_AUDIO,
+                       batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                       video_path: Optional[VideoPath] = None) -> BagEmbeddings:
+    """Run the encoder nodes' processing over a bag; one pass in log-time order.
+
+    ``video_path``: the video node's face path (:meth:`NodeSettings.video_path`); None encodes
+    whole frames (the ``full_frame`` path, one person).
+    """
+    collector = EmbeddingCollector(encoders, batch_size=batch_size,
+                                   silence_threshold_dbfs=audio.silence_threshold_dbfs, video_path=video_path)
+    result = BagEmbeddings(identities={m: e.identity for m, e in encoders.items()}, counts=collector.counts,
+                           collector=collector)
     with BagReader(bag_path) as bag:
-        wanted = {}
-        if VIDEO in encoders:
-            image_topic = bag.find_topic(topics.image) or bag.find_topic(topics.compressed_image)
-            if image_topic is None:
-                bag.require([topics.image])
-            wanted[image_topic] = VIDEO
-        if AUDIO in encoders:
-            wanted[bag.require([topics.audio])[0]] = AUDIO
-            info_topic = bag.find_topic(topics.audio_info)
-            if info_topic:
-                wanted[info_topic] = 'audio_info'
-        if TEXT in encoders:
-            speech_topic = bag.find_topic(topics.speech)
-            if speech_topic is None:
-                counts['speech_topic_missing'] = 1  # no speech recorded: text stays masked
-            else:
-                wanted[speech_topic] = TEXT
-        sinks = {m: result.embeddings.setdefault(m, []) for m in encoders}
-        batchers = {}
-        if VIDEO in encoders:
-            batchers[VIDEO] = _Batcher(_encode_frames(encoders[VIDEO]), batch_size, sinks[VIDEO])
-        if TEXT in encoders:
-            batchers[TEXT] = _Batcher(_encode_rows(encoders[TEXT]), batch_size, sinks[TEXT])
-        audio_fmt = AudioFormat(audio.sample_rate, audio.channels, audio.sample_format)
-        processor = None
-        pending_windows: list = []
-        if AUDIO in encoders:
-            processor = AudioStreamProcessor(sample_rate_out=int(encoders[AUDIO].sample_rate or 16000),
-                                             window_s=audio.window_s, hop_s=audio.hop_s)
-
-        def flush_audio() -> None:
-            if pending_windows:
-                for item in embed_windows(encoders[AUDIO], pending_windows, audio.silence_threshold_dbfs):
-                    sinks[AUDIO].append((item.end_stamp_s, item.vector))
-                    counts[f'audio_{item.reason}'] = counts.get(f'audio_{item.reason}', 0) + 1
-                pending_windows.clear()
-
+        wanted = _bag_inputs(bag, encoders, topics, collector.counts)
+        feeder = _BagFeeder(collector, encoders, audio, result.video_stamps_ns)
         bar = _progress(bag.message_count(list(wanted)), f'features {Path(bag_path).name}', progress)
         for message, decoded in bag.messages(list(wanted)):
-            kind = wanted[message.topic]
             bar.update(1)
-            if kind == VIDEO:
-                stamp_ns = time_to_ns(decoded.header.stamp)
-                result.video_stamps_ns.append(stamp_ns)
-                batchers[VIDEO].add(ns_to_s(stamp_ns), _frame_or_none(message.msgtype, decoded, counts))
-            elif kind == 'audio_info':
-                audio_fmt = AudioFormat(int(decoded.sample_rate), int(decoded.channels),
-                                        str(decoded.sample_format), str(decoded.coding_format))
-            elif kind == AUDIO:
-                try:
-                    if message.msgtype == AUDIO_DATA_STAMPED:
-                        windows = processor.process(decoded.audio.data, audio_fmt,
-                                                    ns_to_s(time_to_ns(decoded.header.stamp)))
-                    elif message.msgtype == AUDIO_DATA:
-                        windows = processor.process_headerless(decoded.data, audio_fmt,
-                                                               ns_to_s(message.log_time_ns))
-                    else:
-                        raise BagError(f"topic '{message.topic}' has type {message.msgtype}; "
-                                       f'expected {AUDIO_DATA_STAMPED} or {AUDIO_DATA}')
-                except AudioDecodeError:
-                    counts['audio_decode_errors'] = counts.get('audio_decode_errors', 0) + 1
-                    continue
-                pending_windows.extend(windows)
-                if len(pending_windows) >= batch_size:
-                    flush_audio()
-            elif kind == TEXT:
-                if message.msgtype != STRING:
-                    raise BagError(f"topic '{message.topic}' has type {message.msgtype}; expected {STRING}")
-                text, truncated = prepare_utterance(decoded.data)
-                counts['text_truncated'] = counts.get('text_truncated', 0) + int(truncated)
-                batchers[TEXT].add(ns_to_s(message.log_time_ns), text)
-        for batcher in batchers.values():
-            batcher.flush()
-        flush_audio()
+            feeder.feed(wanted[message.topic], message, decoded)
         bar.close()
-    for modality, items in result.embeddings.items():
-        items.sort(key=lambda item: item[0])
-        counts[f'{modality}_embeddings'] = len(items)
-        counts[f'{modality}_valid'] = sum(vector is not None for _, vector in items)
+    result.embeddings = {m: items for m, items in collector.finish().items() if m in encoders}
     return result
 
 
@@ -372,9 +214,8 @@ def _frame_or_none(msgtype: str, decoded: Any, counts: dict) -> Optional[np.ndar
 
 # ---------------------------------------------------------------- labels
 
-def labels_from_topic(bag_path: str | Path, topic: str, video_stamps_ns: Sequence[int],
-                      tolerance_s: float = LABEL_STAMP_TOLERANCE_S) -> Optional[np.ndarray]:
-    """(N, 2) labels for the video frames from a ValenceArousal topic; None if the topic is absent."""
+def ground_truth(bag_path: str | Path, topic: str) -> Optional[dict]:
+    """``{stream_id: (stamps_ns (K,), values (K, 2))}`` of a ValenceArousal topic; None if it is absent."""
     with BagReader(bag_path) as bag:
         name = bag.find_topic(topic)
         if name is None:
@@ -382,12 +223,34 @@ def labels_from_topic(bag_path: str | Path, topic: str, video_stamps_ns: Sequenc
         if bag.topics[name].msgtype != VALENCE_AROUSAL:
             raise BagError(f"ground-truth topic '{name}' has type {bag.topics[name].msgtype}; "
                            f'expected {VALENCE_AROUSAL}')
-        stamps, values = [], []
+        streams: dict = {}
         for _, decoded in bag.messages([name]):
+            stamps, values = streams.setdefault(str(decoded.stream_id), ([], []))
             stamps.append(time_to_ns(decoded.header.stamp))
             values.append((float(decoded.valence), float(decoded.arousal)))
-    return _match_labels(np.array(stamps, np.int64), np.array(values, np.float32).reshape(-1, 2),
-                         np.asarray(video_stamps_ns, np.int64), tolerance_s)
+    return {stream: (np.array(stamps, np.int64), np.array(values, np.float32).reshape(-1, 2))
+            for stream, (stamps, values) in streams.items()}
+
+
+def labels_from_topic(bag_path: str | Path, topic: str, video_stamps_ns: Sequence[int],
+                      tolerance_s: float = LABEL_STAMP_TOLERANCE_S,
+                      stream_id: Optional[str] = None) -> Optional[np.ndarray]:
+    """(N, 2) labels for the video frames from a ValenceArousal topic; None if the topic is absent.
+
+    ``stream_id``: the person whose ground truth to use; None takes every message (one person),
+    and then a topic holding several stream ids is an error (whose labels would it be?).
+    """
+    streams = ground_truth(bag_path, topic)
+    if streams is None:
+        return None
+    if stream_id is None:
+        if len(streams) > 1:
+            raise BagError(f"ground-truth topic '{topic}' of '{bag_path}' holds several people "
+                           f'({", ".join(sorted(streams))}): track several faces (video node parameter '
+                           f'max_faces) to prepare one session per person')
+        stream_id = next(iter(streams), '')
+    stamps, values = streams.get(stream_id, (np.zeros(0, np.int64), np.zeros((0, 2), np.float32)))
+    return _match_labels(stamps, values, np.asarray(video_stamps_ns, np.int64), tolerance_s)
 
 
 def labels_from_csv(csv_path: str | Path, video_stamps_ns: Sequence[int],
@@ -456,6 +319,7 @@ class PreparedBag:
     labelled_frames: int
     skipped: bool              # already in the store with the same fingerprint
     counts: dict = field(default_factory=dict)
+    stream_id: Optional[str] = None  # the person, when the bag held several
 
 
 def session_id_for(bag_path: str | Path) -> str:
@@ -491,54 +355,116 @@ def _file_fingerprint(path) -> Optional[list]:
 
 
 def prepare_bag(bag_path: str | Path, store: FeatureStore, encoders: Mapping[str, Encoder],
-                aligner_config: Optional[AlignmentConfig] = None, *, session_id: Optional[str] = None,
-                speaker: Optional[str] = None, labels_csv: Optional[str | Path] = None,
-                topics: BagTopics = BagTopics(), audio: AudioOptions = AudioOptions(),
-                batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                overwrite: bool = False) -> PreparedBag:
-    """Extract, align and label one bag and write it into ``store`` as one session.
+                aligner_config: Optional[AlignmentConfig] = None, **options: Any) -> PreparedBag:
+    """Extract, align and label a one-person bag and write it into ``store`` as one session.
 
-    ``encoders`` must match the store's encoder spec (same modalities, plugin ids and dims).
-    Labels come from ``labels_csv`` when given, else from the ground-truth topic, else NaN.
+    See :func:`prepare_bag_sessions` for the options; a bag in which several faces were tracked
+    is an error here.
+    """
+    sessions = prepare_bag_sessions(bag_path, store, encoders, aligner_config, **options)
+    if len(sessions) != 1:
+        raise ValueError(f"bag '{bag_path}' gave {len(sessions)} sessions (one per tracked face); "
+                         f'use prepare_bag_sessions')
+    return sessions[0]
+
+
+def prepare_bag_sessions(bag_path: str | Path, store: FeatureStore, encoders: Mapping[str, Encoder],
+                         aligner_config: Optional[AlignmentConfig] = None, *,
+                         session_id: Optional[str] = None, speaker: Optional[str] = None,
+                         labels_csv: Optional[str | Path] = None,
+                         topics: BagTopics = BagTopics(), audio: AudioOptions = DEFAULT_AUDIO,
+                         batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                         overwrite: bool = False, video_path: Optional[VideoPath] = None) -> list:
+    """Extract, align and label one bag and write one session per person into ``store``.
+
+    With one person (the video node's single-person mode) the session is ``session_id`` (default:
+    the bag folder's name). When the video path tracks several faces, every face's stream becomes
+    the session ``<session_id>_<stream_id>``: its own video embeddings, the shared audio and text
+    aligned to them, and the ground truth whose ``ValenceArousal.stream_id`` is that stream's id.
+    ``encoders`` must match the store's encoder spec. Labels come from ``labels_csv`` (one person
+    only), else from the ground-truth topic, else NaN; labels that cover no frame are an error.
+    Returns one :class:`PreparedBag` per session.
     """
     aligner_config = aligner_config or AlignmentConfig()
     _check_against_store(store, encoders)
     session_id = session_id or session_id_for(bag_path)
     fingerprint = preparation_fingerprint(bag_path, encoders, aligner_config, topics, audio, labels_csv)
-    if not overwrite and store.has(session_id):
-        stored = store.load(session_id)
-        if stored.meta.get('fingerprint') == fingerprint:
-            return PreparedBag(session_id, len(stored), int(np.all(np.isfinite(stored.labels), axis=1).sum()),
-                               skipped=True, counts=stored.meta.get('counts', {}))
-    embeddings = extract_embeddings(bag_path, encoders, topics=topics, audio=audio,
-                                    batch_size=batch_size, progress=progress)
+    if not overwrite:
+        stored = _stored_sessions(store, session_id, fingerprint)
+        if stored:
+            return stored
+    embeddings = extract_embeddings(bag_path, encoders, topics=topics, audio=audio, batch_size=batch_size,
+                                    progress=progress, video_path=video_path)
     if not embeddings.video_stamps_ns:
         raise BagError(f"bag '{bag_path}' holds no video frames on '{topics.image}': the fusion is "
                        f'clocked by video, so there is nothing to prepare')
-    steps = align_events(embeddings.events(), aligner_config)
-    timestamps, features, mask, resets = steps_to_arrays(steps, store.dims)
-    if labels_csv is not None:
-        frame_labels, label_source = labels_from_csv(labels_csv, embeddings.video_stamps_ns), str(labels_csv)
-    else:
-        frame_labels = labels_from_topic(bag_path, topics.ground_truth, embeddings.video_stamps_ns)
-        label_source = topics.ground_truth if frame_labels is not None else None
-        if frame_labels is None:
-            frame_labels = np.full((len(embeddings.video_stamps_ns), 2), np.nan, np.float32)
-    by_stamp = {ns_to_s(ns): frame_labels[i] for i, ns in enumerate(embeddings.video_stamps_ns)}
+    streams = embeddings.streams()
+    several = len(streams) > 1
+    if several and labels_csv is not None:
+        raise ValueError(f'--labels {labels_csv} describes one person, but {len(streams)} faces were '
+                         f"tracked in '{bag_path}'; label several people with the ground-truth topic's "
+                         f'stream_id')
+    results = []
+    for stream in streams:
+        name = f'{session_id}_{stream}' if several else session_id
+        results.append(_write_stream(store, name, bag_path, embeddings, stream if several else None,
+                                     aligner_config, speaker=speaker, labels_csv=labels_csv, topics=topics,
+                                     audio=audio, fingerprint=fingerprint, bag_session=session_id))
+    return results
+
+
+def _stored_sessions(store: FeatureStore, session_id: str, fingerprint: str) -> list:
+    """The sessions an earlier run prepared from this bag with the same fingerprint (else [])."""
+    names = [s for s in store.session_ids() if s == session_id or s.startswith(f'{session_id}_')]
+    found = []
+    for name in names:
+        stored = store.load(name)
+        same_bag = stored.meta.get('bag_session', session_id) == session_id
+        if stored.meta.get('fingerprint') == fingerprint and same_bag:
+            labelled = int(np.all(np.isfinite(stored.labels), axis=1).sum())
+            found.append(PreparedBag(name, len(stored), labelled, skipped=True,
+                                     counts=stored.meta.get('counts', {}),
+                                     stream_id=stored.meta.get('stream_id')))
+    return found
+
+
+def _write_stream(store: FeatureStore, name: str, bag_path, embeddings: BagEmbeddings, stream: Optional[str],
+                  aligner_config: AlignmentConfig, *, speaker, labels_csv, topics: BagTopics,
+                  audio: AudioOptions, fingerprint: str, bag_session: str) -> PreparedBag:
+    """Align one stream (person) of an extracted bag, label it and write it as session ``name``."""
+    timestamps, features, mask, resets = align_embeddings(embeddings.events(stream), aligner_config,
+                                                          store.dims)
+    frame_labels, label_source = _frame_labels(bag_path, embeddings.video_stamps_ns, labels_csv, topics,
+                                               stream)
+    by_stamp = {ns_to_seconds(ns): frame_labels[i] for i, ns in enumerate(embeddings.video_stamps_ns)}
     labels = np.array([by_stamp.get(t, (np.nan, np.nan)) for t in timestamps], np.float32).reshape(-1, 2)
+    where = f"bag '{bag_path}'" + (f" (stream '{stream}')" if stream else '')
+    labelled_fraction = check_label_coverage(labels, label_source, where, timestamps)
     counts = dict(embeddings.counts)
     counts['resets'] = int(resets.sum())
     meta = {
         'source': 'rosbag', 'bag': str(Path(bag_path).resolve()), 'bag_files': bag_files(bag_path),
-        'fingerprint': fingerprint,
-        'encoders': embeddings.identities, 'labels': label_source, 'counts': counts,
-        'reset_frames': [int(i) for i in np.flatnonzero(resets)],
+        'fingerprint': fingerprint, 'bag_session': bag_session, 'stream_id': stream,
+        'encoders': embeddings.identities, 'labels': label_source, 'labelled_fraction': labelled_fraction,
+        'counts': counts, 'reset_frames': [int(i) for i in np.flatnonzero(resets)],
         'alignment': asdict(aligner_config), 'audio': asdict(audio), 'topics': asdict(topics),
     }
-    store.write_session(session_id, speaker=speaker or session_id, timestamps=timestamps,
+    store.write_session(name, speaker=speaker or name, timestamps=timestamps,
                         features=features, mask=mask, labels=labels, meta=meta)
     labelled = int(np.all(np.isfinite(labels), axis=1).sum())
-    return PreparedBag(session_id, len(timestamps), labelled, skipped=False, counts=counts)
+    return PreparedBag(name, len(timestamps), labelled, skipped=False, counts=counts, stream_id=stream)
+
+
+def _frame_labels(bag_path, video_stamps_ns: list, labels_csv, topics: BagTopics,
+                  stream: Optional[str] = None) -> tuple:
+    """(labels per video frame (N, 2), where they came from or None)."""
+    if labels_csv is not None:
+        return labels_from_csv(labels_csv, video_stamps_ns), str(labels_csv)
+    unlabelled = np.full((len(video_stamps_ns), 2), np.nan, np.float32), None
+    if stream is not None and stream not in (ground_truth(bag_path, topics.ground_truth) or {}):
+        return unlabelled  # a tracked face nobody annotated
+    frame_labels = labels_from_topic(bag_path, topics.ground_truth, video_stamps_ns, stream_id=stream)
+    return unlabelled if frame_labels is None else (frame_labels, topics.ground_truth)
 
 
 def _check_against_store(store: FeatureStore, encoders: Mapping[str, Encoder]) -> None:

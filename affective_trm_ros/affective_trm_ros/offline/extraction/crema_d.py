@@ -159,28 +159,39 @@ def prepare_crema_d(
     label_seed: int = DEFAULT_LABEL_SEED,
     limit: Optional[int] = None,
     progress: bool = True,
+    clips: Optional[list] = None,
+    problems: Optional[list] = None,
 ) -> dict:
     """Extract every clip under ``root`` into ``store``, skipping clips already there.
 
     ``extractor``: a :class:`~.extraction.SessionExtractor` (encoders, windowing, alignment).
-    ``limit``: only the first N clips (sorted by name), for trial runs.
+    ``limit``: only the first N clips (sorted by name), for trial runs. ``clips``/``problems``: the
+    result of :func:`discover_clips` when the caller has already looked (``limit`` then does not
+    apply). A clip whose video or audio cannot be read (corrupt, empty, truncated) is skipped and
+    listed in ``problems`` with the reason; the run goes on.
     Returns a summary dict: clips found, written, skipped (already in the store), problems.
     """
     from tqdm.auto import tqdm
 
-    from affective_trm_ros.offline.io.media import load_wav, read_video_frames
+    from affective_trm_ros.offline.io.media import MediaError, load_wav, read_video_frames
 
-    clips, problems = discover_clips(root)
-    if limit is not None:
-        clips = clips[:limit]
+    if clips is None:
+        clips, problems = discover_clips(root)
+        if limit is not None:
+            clips = clips[:limit]
+    problems = list(problems or [])
     written = skipped = 0
     for clip in tqdm(clips, desc='CREMA-D clips', unit='clip', disable=not progress):
         if store.has(clip.name):
             skipped += 1
             continue
-        frames, fps = read_video_frames(clip.video_path)
-        waveform, sample_rate = load_wav(clip.audio_path)
-        result = extractor.extract(frames, audio=(waveform, sample_rate), texts=[(0.0, clip.text)])
+        try:
+            frames, fps = read_video_frames(clip.video_path)
+            waveform, sample_rate = load_wav(clip.audio_path)
+            result = extractor.extract(frames, audio=(waveform, sample_rate), texts=[(0.0, clip.text)])
+        except (MediaError, ValueError) as error:  # one bad file skips its clip, not the run
+            problems.append(f'{clip.name}: {error}')
+            continue
         label = clip_label(clip, label_seed)
         labels = np.repeat(label[None, :], len(result.timestamps), axis=0)
         store.write_session(

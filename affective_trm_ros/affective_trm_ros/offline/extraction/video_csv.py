@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from affective_trm_ros.offline.extraction.pipeline import check_label_coverage
 from affective_trm_ros.offline.io.media import MediaError, load_container_audio, load_wav, read_video_frames
 
 VIDEO_SUFFIXES = ('.mp4', '.avi', '.mkv', '.mov', '.flv', '.webm', '.mpg', '.mpeg')
@@ -175,6 +176,10 @@ def prepare_video(
 ) -> Optional[str]:
     """Extract one labelled video into ``store``; returns the session id, or None when already there.
 
+    Labels that cover no frame of the video raise
+    :class:`~affective_trm_ros.offline.extraction.pipeline.LabelCoverageError` naming the file (nothing
+    is written); the session's ``meta['labelled_fraction']`` says how much of it is labelled.
+
     ``extractor``: a :class:`~.extraction.SessionExtractor`. Audio: ``audio_path`` (a WAV file)
     when given, else the container's audio track; a video without audio is kept with audio masked
     only when no audio encoder is configured.
@@ -198,6 +203,8 @@ def prepare_video(
     texts = read_transcript_csv(transcript_path) if transcript_path else []
     result = extractor.extract(frames, audio=audio, texts=texts)
     labels = labels_for_frames(result.timestamps, label_times, label_values, fps, tolerance_s)
+    labelled_fraction = check_label_coverage(labels, f'label file {labels_path}', f"video '{video_path}'",
+                                             result.timestamps)
     store.write_session(
         session_id,
         speaker=speaker or session_id,
@@ -211,6 +218,7 @@ def prepare_video(
             'labels': str(labels_path),
             'audio': str(audio_path) if audio_path else 'container',
             'fps': fps,
+            'labelled_fraction': labelled_fraction,
             **result.info,
         },
     )

@@ -55,6 +55,9 @@ string stream_id
 string modality
 string encoder
 bool valid false
+sensor_msgs/RegionOfInterest roi
+string[] expression_classes
+float32[] expression_probabilities
 float32[] data
 """,
     'affective_msgs/msg/ValenceArousal': """
@@ -63,10 +66,15 @@ uint8 MODALITY_AUDIO = 2
 uint8 MODALITY_TEXT = 4
 std_msgs/Header header
 string stream_id
+sensor_msgs/RegionOfInterest roi
 float32 valence
 float32 arousal
 float32 confidence
 uint8 modalities 0
+""",
+    'affective_msgs/msg/TrackedStreams': """
+std_msgs/Header header
+string[] stream_ids
 """,
     'audio_common_msgs/msg/AudioData': """
 uint8[] data
@@ -126,6 +134,37 @@ def ns_to_time(stamp_ns: int, store: Optional[Typestore] = None) -> Any:
 def time_to_ns(stamp: Any) -> int:
     """builtin_interfaces/msg/Time (rosbags or rclpy object) -> nanoseconds."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def new_message(msgtype: str, store: Optional[Typestore] = None, **fields: Any) -> Any:
+    """A message of ``msgtype`` with ``fields`` set and every other field at its ROS default (zeros,
+    empty strings and sequences, nested messages likewise), as ``msgtype()`` gives in rclpy."""
+    store = store or affective_typestore()
+    _, definitions = store.fielddefs[msgtype]
+    values = {name: fields.pop(name) if name in fields else _default(store, kind, spec)
+              for name, (kind, spec) in definitions}
+    if fields:
+        raise TypeError(f'{msgtype} has no field(s) {sorted(fields)}')
+    return store.types[msgtype](**values)
+
+
+def _default(store: Typestore, kind: Any, spec: Any) -> Any:
+    import numpy as np
+
+    from rosbags.interfaces import Nodetype
+
+    if kind == Nodetype.NAME:
+        return new_message(spec, store)
+    if kind == Nodetype.BASE:
+        name = spec[0]
+        return '' if name == 'string' else False if name == 'bool' else 0.0 if name.startswith('float') else 0
+    (element_kind, element), size = spec
+    numeric = element_kind == Nodetype.BASE and element[0] not in ('string', 'bool')
+    if kind == Nodetype.ARRAY:
+        if numeric:
+            return np.zeros(size, np.dtype(element[0]))
+        return [_default(store, element_kind, element) for _ in range(size)]
+    return np.zeros(0, np.dtype(element[0])) if numeric else []
 
 
 def make_header(stamp_ns: int, frame_id: str = '', store: Optional[Typestore] = None) -> Any:

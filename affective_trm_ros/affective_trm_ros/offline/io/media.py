@@ -71,17 +71,60 @@ def read_video_frames(path) -> tuple[VideoFrames, float]:
 
 
 def load_wav(path) -> tuple[np.ndarray, int]:
-    """A WAV file as float32 mono in [-1, 1] and its sample rate (integer PCM is scaled)."""
+    """A WAV file as float32 mono in [-1, 1] and its sample rate (integer PCM is scaled).
+
+    MediaError says what is wrong: missing, empty, not a WAV file (corrupt header), truncated
+    (fewer bytes than its header announces) or without samples.
+    """
+    import warnings
+
     from scipy.io import wavfile
 
     path = Path(path)
     if not path.exists():
         raise MediaError(f'audio file {path} does not exist')
-    try:
-        sample_rate, data = wavfile.read(str(path))
-    except ValueError as error:
-        raise MediaError(f'cannot read WAV file {path}: {error}') from error
+    if path.stat().st_size == 0:
+        raise MediaError(f'audio file {path} is empty (0 bytes)')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', wavfile.WavFileWarning)
+        try:
+            sample_rate, data = wavfile.read(str(path))
+        except (ValueError, EOFError, OSError) as error:
+            raise MediaError(f'cannot read WAV file {path} (corrupt or not a WAV file): {error}') from error
+    truncated = _wav_truncation(path)
+    if truncated:
+        raise MediaError(f'WAV file {path} is truncated: {truncated}')
+    for warning in caught:
+        if 'EOF' in str(warning.message) or 'premature' in str(warning.message).lower():
+            raise MediaError(f'WAV file {path} is truncated: {warning.message}')
+    if data.size == 0:
+        raise MediaError(f'WAV file {path} holds no samples')
     return _to_float_mono(data), int(sample_rate)
+
+
+def _wav_truncation(path: Path) -> str:
+    """'' for a complete RIFF/WAVE file, else what is missing (the data chunk's size vs the file's)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, 'rb') as handle:
+        if handle.read(4) != b'RIFF':
+            return ''
+        handle.seek(12)
+        while True:
+            header = handle.read(8)
+            if len(header) < 8:
+                return ''
+            chunk_id, chunk_size = header[:4], struct.unpack('<I', header[4:])[0]
+            start = handle.tell()
+            if chunk_id == b'data':
+                if chunk_size in (0, 0xFFFFFFFF):  # written by a streaming recorder: length unknown
+                    return ''
+                available = size - start
+                if chunk_size > available:
+                    return f'its header announces {chunk_size} bytes of samples, the file holds {available}'
+                return ''
+            handle.seek(start + chunk_size + (chunk_size & 1))
 
 
 def _to_float_mono(data: np.ndarray) -> np.ndarray:
