@@ -30,6 +30,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from affective_msgs.msg import ModalityEmbedding
+from affective_trm_ros.benchmarks import face_frames
 from affective_trm_ros.nodes import audio_encoder_node, text_encoder_node, video_encoder_node
 from affective_trm_ros.nodes.encoder_node_base import BoundedWorker, plugin_kwargs
 
@@ -170,7 +171,8 @@ def compressed_msg(fmt: str, rgb: np.ndarray, stamp=STAMP):
 
 
 def test_video_node_encodes_every_image_kind_with_the_image_stamp(harness):
-    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=0.0)
+    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=0.0,
+                         face_pipeline='full_frame')
     out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
     raw = harness.publisher(Image, 'image_raw')
     compressed = harness.publisher(CompressedImage, 'image_raw/compressed')
@@ -197,7 +199,7 @@ def test_video_node_encodes_every_image_kind_with_the_image_stamp(harness):
 
 def test_video_node_publishes_invalid_for_a_black_frame_and_honours_frame_id_and_stream(harness):
     harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', frame_id='head_camera',
-                  stream_id='person_1')
+                  stream_id='person_1', face_pipeline='full_frame')
     out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
     harness.publisher(Image, 'image_raw').publish(image_msg('rgb8', frame((0, 0, 0))))
     wait_for(lambda: out, 'an embedding')
@@ -208,7 +210,7 @@ def test_video_node_publishes_invalid_for_a_black_frame_and_honours_frame_id_and
 
 def test_video_node_survives_bad_frames_and_counts_them(harness):
     node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', diagnostics_period_s=0.2,
-                         max_rate=0.0)
+                         max_rate=0.0, face_pipeline='full_frame')
     out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
     diagnostics = harness.collect(DiagnosticArray, '/diagnostics')
     raw = harness.publisher(Image, 'image_raw')
@@ -239,47 +241,70 @@ def test_video_node_survives_bad_frames_and_counts_them(harness):
 
 def test_video_node_keeps_only_the_newest_frame_when_inference_is_slow(harness):
     node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=0.0,
-                         encoder_options='{"delay_s": 0.25}',
-                         **input_qos_overrides(harness.namespace, 'image_raw'))
+                         face_pipeline='full_frame', **input_qos_overrides(harness.namespace, 'image_raw'))
+    gate = node.encoder.gate = threading.Event()     # the encoder is busy until the gate opens
     out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
     raw = harness.publisher(Image, 'image_raw')
     count = 12
-    for i in range(count):
+    raw.publish(image_msg('rgb8', frame(), stamp=(STAMP[0], 0)))
+    wait_for(lambda: node.encoder.started == 1, 'the encoder to start on frame 0')
+    for i in range(1, count):
         raw.publish(image_msg('rgb8', frame(), stamp=(STAMP[0], i)))
-        time.sleep(0.02)
     wait_for(lambda: node.counts['inputs'] == count, 'every frame to reach the node')
-    wait_for(lambda: out and out[-1].header.stamp.nanosec == count - 1, 'the newest frame to be encoded')
-    time.sleep(0.3)
-    stamps = [m.header.stamp.nanosec for m in out]
-    assert stamps == sorted(stamps) and stamps[-1] == count - 1
-    assert len(stamps) < count
-    assert node.worker.dropped == count - len(stamps)
+    gate.set()
+    wait_for(lambda: len(out) == 2, 'frame 0 and the newest frame')
+    wait_for(lambda: node.worker.pending() == 0 and node.encoder.finished == 2, 'the worker to go idle')
+    # While frame 0 was encoded, frames 1..10 were each replaced by the next one: only 11 waited.
+    assert [m.header.stamp.nanosec for m in out] == [0, count - 1]
+    assert node.worker.dropped == count - 2
 
 
 def test_video_max_rate_limits_processing(harness):
-    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=4.0)
+    rate = 4.0
+    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=rate,
+                         face_pipeline='full_frame', **input_qos_overrides(harness.namespace, 'image_raw'))
     out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
     raw = harness.publisher(Image, 'image_raw')
-    started = time.monotonic()
-    while time.monotonic() - started < 1.6:
-        raw.publish(image_msg('rgb8', frame()))
-        time.sleep(0.02)
-    wait_for(lambda: node.worker.pending() == 0, 'the last waiting frame')
-    time.sleep(0.1)
-    # 4 Hz for ~1.6 s (+ the last frame): about 8 frames, far fewer than the ~80 sent.
-    assert 4 <= len(out) <= 10
-    assert node.counts['inputs'] >= 3 * len(out)
-    assert node.worker.dropped == node.counts['inputs'] - len(out)
+    raw.publish(image_msg('rgb8', frame()))
+    wait_for(lambda: len(out) == 1, 'the first frame')
+    for _ in range(3):       # bursts: the rate limit holds each burst's newest frame, drops the rest
+        sent = node.counts['inputs']
+        for _ in range(5):
+            raw.publish(image_msg('rgb8', frame()))
+        wait_for(lambda n=sent: node.counts['inputs'] == n + 5, 'the burst to reach the node')
+    wait_for(lambda: node.worker.pending() == 0 and node.encoder.finished == len(out) == node.encoder.started,
+             'the worker to go idle')
+    assert node.worker.dropped == node.counts['inputs'] - len(out) > 0
+    # Start times of the encoder calls: never closer than the rate allows (delays only widen them;
+    # the half-period margin absorbs per-frame work before the encoder call).
+    assert len(node.encoder.start_times) >= 2
+    assert min(np.diff(node.encoder.start_times)) >= 0.5 / rate
 
 
 def test_video_parameters_are_validated(harness):
-    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video')
+    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', detector='haar')
     assert node.set_parameters([Parameter('max_rate', value=5.0)])[0].successful
     assert node.params['max_rate'] == 5.0
     assert not node.set_parameters([Parameter('max_rate', value=-1.0)])[0].successful
     assert not node.set_parameters([Parameter('stream_id', value='')])[0].successful
-    assert not node.set_parameters([Parameter('detector', value='haar')])[0].successful   # read-only
+    assert not node.set_parameters([Parameter('detector', value='mtcnn')])[0].successful   # read-only
+    assert not node.set_parameters([Parameter('max_faces', value=3)])[0].successful        # read-only
     assert node.params['max_rate'] == 5.0 and node.params['stream_id'] == 'default'
+    # The tracker's settings change at run time; an invalid update changes nothing.
+    assert node.set_parameters_atomically([Parameter('track_timeout_s', value=2.5),
+                                           Parameter('detection_interval', value=7)]).successful
+    assert node.faces.tracker.timeout_s == 2.5 and node.faces.detection_interval == 7
+    assert not node.set_parameters_atomically([Parameter('track_timeout_s', value=0.5),
+                                               Parameter('detection_interval', value=0)]).successful
+    assert node.faces.tracker.timeout_s == 2.5 and node.params['track_timeout_s'] == 2.5
+    with pytest.raises(ValueError, match='max_faces 1'):
+        harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', face_pipeline='full_frame',
+                      max_faces=2)
+    with pytest.raises(ValueError, match='input_mode'):
+        harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', input_mode='kinect')
+    with pytest.raises(ValueError, match='track_id_prefix'):
+        harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_faces=2,
+                      track_id_prefix=' ')
     with pytest.raises(ValueError, match='detector'):
         harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', detector='dlib')
     with pytest.raises(ValueError, match='encodes text'):
@@ -293,6 +318,7 @@ def test_video_node_with_the_built_in_encoder_untrained(harness, tmp_path, monke
     monkeypatch.setenv('AFFECTIVE_TRM_WEIGHTS', str(tmp_path))   # an empty weights cache
     with pytest.raises(FileNotFoundError, match='enet_b0_8_best_afew'):
         harness.start(video_encoder_node.VideoEncoderNode, detector='haar')
+    # The default tracked pipeline: the node detects, the encoder gets the face crop.
     node = harness.start(video_encoder_node.VideoEncoderNode, detector='haar', allow_untrained=True,
                          device='cpu')
     out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
@@ -305,6 +331,144 @@ def test_video_node_with_the_built_in_encoder_untrained(harness, tmp_path, monke
     assert [m.valid for m in out] == [True, False]
     assert all(m.encoder == 'hsemotion_enet_b0@untrained' for m in out)
     assert len(out[0].data) == 1280 and np.all(np.isfinite(out[0].data))
+    assert out[0].roi.width > 50 and out[0].roi.height > 50 and out[1].roi.width == 0
+
+
+# ---------------------------------------------------------------- several faces (real photographs, MTCNN)
+
+def frame_stamp(k: int) -> tuple:
+    """The stamp of frame k of a 30 FPS camera that started at STAMP."""
+    return STAMP[0] + k // 30, round((k % 30) * 1e9 / 30)
+
+
+def two_heads(width=320, height=240, left=True, right=True):
+    """A frame with the astronaut's head on the left and its mirror image on the right (or not)."""
+    heads = [(width / 3 if left else -width, height / 2), (2 * width / 3 if right else -width, height / 2)]
+    return face_frames.face_canvas(width, height, heads, head_height=105)   # off-canvas heads vanish
+
+
+def play(harness, node, frames) -> list:
+    """Publish frames one at a time (stamps 1/30 s apart); the embeddings of each frame."""
+    out = harness.received.get('affect/embedding/video') or harness.collect(ModalityEmbedding,
+                                                                            'affect/embedding/video')
+    raw = harness.publisher(Image, 'image_raw')
+    per_frame = []
+    for k, pixels in enumerate(frames):
+        before = len(out)
+        raw.publish(image_msg('rgb8', pixels, stamp=frame_stamp(k)))
+        wait_for(lambda n=k: node.counts['frames_processed'] == n + 1, f'frame {k} to be processed')
+        wait_for(lambda: len(out) == node.counts['published'], f'the embeddings of frame {k}')
+        per_frame.append(list(out[before:]))
+        assert all(stamp_of(m) == frame_stamp(k) for m in per_frame[-1])
+    return per_frame
+
+
+def multi_face_node(harness, **params):
+    return harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=0.0, device='cpu',
+                         **{'max_faces': 4, **params}, **input_qos_overrides(harness.namespace, 'image_raw'))
+
+
+def test_two_faces_in_one_camera_stream_are_two_streams_encoded_in_one_batch(harness):
+    node = multi_face_node(harness)
+    frames = face_frames.moving_faces(6, width=320, height=240, faces=2, head_height=105)
+    for k, msgs in enumerate(play(harness, node, frames)):
+        assert [m.stream_id for m in msgs] == ['face_0', 'face_1'], f'frame {k}'
+        assert all(m.valid and m.modality == 'video' and len(m.data) == 8 for m in msgs)
+        left, right = (m.roi for m in msgs)
+        assert left.width > 30 and right.width > 30
+        assert left.x_offset + left.width <= right.x_offset      # face_0 is the left face
+        for m in msgs:
+            assert list(m.expression_classes) == ['bright', 'dark']
+            brightness = np.mean(m.data[:3])
+            np.testing.assert_allclose(m.expression_probabilities, [brightness, 1 - brightness], atol=1e-6)
+            # The crop the encoder got is the face box (the tiny encoder reports its size).
+            assert tuple(m.data[3:5]) == pytest.approx((m.roi.height, m.roi.width), abs=2)
+    assert node.encoder.face_calls == [2] * len(frames)   # one batched encoder call per frame
+    assert 1 <= node.faces.detections < len(frames)        # faces were followed between detections
+
+
+def test_face_ids_survive_a_short_occlusion(harness):
+    node = multi_face_node(harness, track_timeout_s=1.0, detection_interval=2)
+    both, left_only = two_heads(), two_heads(right=False)
+    frames = [both] * 4 + [left_only] * 4 + [both] * 4
+    per_frame = play(harness, node, frames)
+    assert all([m.stream_id for m in msgs] == ['face_0', 'face_1'] for msgs in per_frame)
+    right = [msgs[1] for msgs in per_frame]
+    assert [m.valid for m in right[:4]] == [True] * 4
+    assert [m.valid for m in right[4:8]] == [False] * 4          # hidden: kept, published invalid
+    assert all(m.roi.width == 0 for m in right[4:8])
+    assert right[-1].valid and right[-1].roi.x_offset > per_frame[-1][0].roi.x_offset   # back, same id
+    assert node.counts['retired_faces'] == 0
+
+
+def test_a_face_that_leaves_is_retired_after_the_timeout(harness):
+    node = multi_face_node(harness, track_timeout_s=0.25, detection_interval=3)
+    frames = [two_heads()] * 3 + [two_heads(right=False)] * 12    # the right face leaves after frame 2
+    per_frame = play(harness, node, frames)
+    ids = [[m.stream_id for m in msgs] for msgs in per_frame]
+    for k, frame_ids in enumerate(ids):
+        gone = k >= 10     # last seen in frame 2; frame 10 is the first more than 0.25 s later
+        assert frame_ids == (['face_0'] if gone else ['face_0', 'face_1']), f'frame {k}'
+    assert all(msgs[0].valid for msgs in per_frame)
+    assert not any(m.valid for msgs in per_frame[3:] for m in msgs if m.stream_id == 'face_1')
+    assert node.counts['retired_faces'] == 1
+
+
+def test_single_person_mode_keeps_the_stream_id_parameter(harness):
+    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', max_rate=0.0,
+                         stream_id='visitor', **input_qos_overrides(harness.namespace, 'image_raw'))
+    per_frame = play(harness, node, [two_heads(), frame(height=240, width=320)])
+    (with_faces,), (without,) = per_frame
+    assert with_faces.stream_id == 'visitor' and with_faces.valid and with_faces.roi.width > 30
+    assert without.stream_id == 'visitor' and not without.valid and without.roi.width == 0
+
+
+def publish_until(publish, done, what: str):
+    """Publish (best-effort input may be lost) until ``done()``; a deadline as wait_for."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'timed out waiting for {what}')
+        publish()
+        time.sleep(0.05)
+
+
+def test_hri_input_mode_encodes_each_aligned_face_as_its_own_stream(harness):
+    hri = pytest.importorskip('hri_msgs.msg', reason='hri_msgs (ROS4HRI messages) is not installed')
+    node = harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', input_mode='hri',
+                         max_rate=0.0, max_faces=4)
+    out = harness.collect(ModalityEmbedding, 'affect/embedding/video')
+    tracked = harness.publisher(hri.IdsList, '/humans/faces/tracked')
+    subscriptions = node._crop_subscriptions   # noqa: SLF001
+    publish_until(lambda: tracked.publish(hri.IdsList(ids=['abc', 'xyz'])), lambda: len(subscriptions) == 2,
+                  'the node to subscribe to both faces')
+    wait_for(lambda: node.counts['frames_processed'] == node.counts['inputs'], 'the worker to go idle')
+    aligned = {face_id: harness.publisher(Image, f'/humans/faces/{face_id}/aligned')
+               for face_id in ('abc', 'xyz')}
+    colours = {'abc': (200, 10, 10), 'xyz': (10, 10, 200)}
+    crops = node._crops   # noqa: SLF001
+    for k, face_id in enumerate(('abc', 'xyz')):
+        msg = image_msg('rgb8', frame(colours[face_id], 64, 64), stamp=(STAMP[0], k))
+        publish_until(lambda m=msg, f=face_id: aligned[f].publish(m), lambda f=face_id: f in crops,
+                      f'the crop of face {face_id}')
+    publish_until(lambda: tracked.publish(hri.IdsList(ids=['abc', 'xyz'])), lambda: len(out) >= 2,
+                  'one embedding per face')
+    by_id = {m.stream_id: m for m in out}
+    assert len(out) == 2 and set(by_id) == {'abc', 'xyz'} and all(m.valid for m in out)
+    for k, face_id in enumerate(('abc', 'xyz')):
+        np.testing.assert_allclose(np.asarray(by_id[face_id].data[:3]) * 255, colours[face_id], atol=0.5)
+        assert stamp_of(by_id[face_id]) == (STAMP[0], k)
+    assert node.encoder.face_calls == [2]                      # both faces in one batched call
+    publish_until(lambda: tracked.publish(hri.IdsList(ids=['xyz'])),   # face abc is gone
+                  lambda: node.counts['retired_faces'] == 1, 'face abc to be retired')
+    assert list(subscriptions) == ['xyz']
+
+
+def test_hri_input_mode_without_hri_msgs_fails_at_start_with_the_reason(harness, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'hri_msgs', None)         # as if not installed
+    monkeypatch.setitem(sys.modules, 'hri_msgs.msg', None)
+    with pytest.raises(RuntimeError, match='hri_msgs.*not on PyPI'):
+        harness.start(video_encoder_node.VideoEncoderNode, plugin='tiny_video', input_mode='hri')
 
 
 # ---------------------------------------------------------------- audio
@@ -376,12 +540,12 @@ def test_audio_node_unstamped_uses_parameters_and_arrival_clock(harness):
     samples = tone(16000, 1.6)
     for start in range(0, samples.size, 1600):
         audio.publish(AudioData(data=samples[start:start + 1600].astype('<f4').tobytes()))
-        time.sleep(0.005)
     wait_for(lambda: len(out) == 3, 'three window embeddings')
+    after = time.time()
     ends = [seconds(m.header.stamp) for m in out]
     np.testing.assert_allclose(np.diff(ends), 0.25, atol=1e-6)   # the sample clock, not arrival jitter
-    # The clock started at the first arrival minus its duration: about when publishing began.
-    assert before - 1.0 < ends[0] - 1.0 < before + 1.0
+    # The clock started at the first arrival (between `before` and `after`) minus its 0.1 s.
+    assert before - 0.1 - 1e-3 <= ends[0] - 1.0 <= after
     assert all(m.valid and m.header.frame_id == 'mic_frame' for m in out)
 
 
@@ -506,16 +670,18 @@ def test_config_files_mirror_every_parameter_and_load(harness, node_class, confi
 
 def test_bounded_worker_drops_the_oldest_and_rate_limits():
     done, errors = [], []
-    release = threading.Event()
+    release, busy = threading.Event(), threading.Event()
 
     def process(item):
-        release.wait(5)
+        busy.set()
+        assert release.wait(TIMEOUT_S)
         done.append((item, time.monotonic()))
 
     worker = BoundedWorker(process, 2, 'test_worker', errors.append)
-    for item in range(5):          # the worker holds item 0; items 1, 2 are dropped for 3, 4
+    worker.submit(0)
+    assert busy.wait(TIMEOUT_S)    # the worker holds item 0 ...
+    for item in range(1, 5):       # ... so items 1, 2 queue and are dropped for 3, 4
         worker.submit(item)
-        time.sleep(0.02)
     release.set()
     wait_for(lambda: len(done) == 3, 'the queued items')
     assert [item for item, _ in done] == [0, 3, 4] and worker.dropped == 2
@@ -563,7 +729,8 @@ def test_console_script_runs_the_video_node_as_its_own_process(rclpy_context, ro
     env = dict(os.environ, ROS_DOMAIN_ID=str(ros_domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
                PYTHONPATH=os.pathsep.join([str(PLUGINS), os.environ.get('PYTHONPATH', '')]))
     process = subprocess.Popen([script, '--ros-args', '-r', '__ns:=/separate_process',
-                                '-p', 'plugin:=tiny_video', '-p', 'stream_id:=visitor'], env=env,
+                                '-p', 'plugin:=tiny_video', '-p', 'stream_id:=visitor',
+                                '-p', 'face_pipeline:=full_frame'], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     h = Harness(rclpy_context, '/separate_process')
     try:
@@ -592,10 +759,12 @@ def test_video_node_benchmark_reports_the_achieved_rate(tmp_path, capsys):
 
     out = tmp_path / 'bench.json'
     assert video_node_bench.main(['--plugin', 'tiny_video', '--fps', '20', '--seconds', '1.0',
-                                  '--warmup', '0.5', '--width', '160', '--height', '120',
+                                  '--warmup', '0.5', '--width', '320', '--height', '240',
                                   '--json', str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results['plugin'] == 'tiny_video@none' and results['frames_published'] >= 15
-    assert 0 < results['embeddings'] <= results['frames_published']
-    assert results['achieved_rate_hz'] == pytest.approx(results['embeddings'] / 1.0)
-    assert results['processing_p50_ms'] > 0
+    # The camera paces itself (a loaded machine only publishes fewer); every frame that was not
+    # dropped is answered, and a tiny frame of one colour is a valid "face" for tiny_video.
+    assert results['plugin'] == 'tiny_video@none'
+    assert 1 <= results['frames_published'] <= 20 * 1.0 + 1
+    assert 0 < results['embeddings'] == results['valid_embeddings'] <= results['frames_published']
+    assert results['processing_p50_ms'] > 0 and results['latency_p50_ms'] > 0

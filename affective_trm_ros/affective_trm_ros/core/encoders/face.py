@@ -119,8 +119,8 @@ class MTCNNDetector:
             boxes, probs = self._mtcnn.detect(np.ascontiguousarray(rgb))
         if boxes is None:
             return []
-        return by_size([FaceBox(*map(float, box), score=float(prob))
-                        for box, prob in zip(boxes, probs) if prob is not None and prob >= self.min_confidence])
+        return by_size([FaceBox(*map(float, box), score=float(prob)) for box, prob in zip(boxes, probs)
+                        if prob is not None and prob >= self.min_confidence])
 
 
 class HaarDetector:
