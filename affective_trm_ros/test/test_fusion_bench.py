@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import pytest
+
 from affective_trm_ros.benchmarks import fusion as fusion_bench
 from affective_trm_ros.core.alignment import AlignmentConfig
 from affective_trm_ros.core.predictor import FusionPredictor
@@ -40,6 +42,27 @@ def test_people_mode_times_one_batched_step_per_size(tmp_path):
     assert [r['people'] for r in rows] == [1, 3] and rows[0]['ratio'] == 1.0
     assert rows[1]['per_person_ms'] == rows[1]['median_ms'] / 3
     assert predictor.streams() == []                     # states freed after timing
+
+
+def test_run_reports_percentiles_of_the_measured_times(tmp_path, monkeypatch):
+    """run() turns measured seconds into ms statistics: exact values on constructed timings."""
+    from test_fusion_node import make_checkpoint
+    measured = {'steps': [k / 1000 for k in range(1, 101)], 'frames': [0.004, 0.002], 'ticks': [0.01, 0.05],
+                'on_time': 1, 'outputs': 2, 'wall_s': 1.0}
+    monkeypatch.setattr(fusion_bench, 'measure', lambda predictor, **kwargs: measured)
+    parser = argparse.ArgumentParser()
+    fusion_bench.add_arguments(parser)
+    out = tmp_path / 'bench.json'
+    args = parser.parse_args(['--checkpoint', make_checkpoint(tmp_path / 'tiny.pt'), '--json', str(out)])
+    assert fusion_bench.run(args) == 0
+    report = json.loads(out.read_text())
+    # 1, 2, ..., 100 ms: linear-interpolated p50 50.5, p99 1 + 0.99 * 99 = 99.01.
+    assert report['step'] == {'p50': pytest.approx(50.5), 'p99': pytest.approx(99.01),
+                              'mean': pytest.approx(50.5), 'n': 100}
+    assert report['frame'] == {'p50': pytest.approx(3.0), 'p99': pytest.approx(3.98),
+                               'mean': pytest.approx(3.0), 'n': 2}
+    assert report['keeps_up'] == 0.5 and report['outputs'] == 2
+    assert fusion_bench._percentiles([])['n'] == 0
 
 
 def test_run_writes_json(tmp_path):

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from affective_trm_ros.benchmarks.temporal import (
@@ -11,6 +12,8 @@ from affective_trm_ros.benchmarks.temporal import (
     results_markdown,
     run_temporal_benchmark,
 )
+from affective_trm_ros.core.checkpoint import load_checkpoint
+from affective_trm_ros.core.metrics import ccc
 
 
 def small_config(**overrides):
@@ -67,8 +70,23 @@ def test_benchmark_harness_writes_table_and_json(tmp_path):
     torch.set_num_threads(1)
     results = run_temporal_benchmark(small_config(epochs=2, models=('mlp', 'gru'), out_dir=str(tmp_path)))
     assert set(results['models']) == {'mlp', 'gru'}
-    for entry in results['models'].values():
-        assert -1 <= entry['test']['mean']['ccc'] <= 1 and entry['parameters'] > 0
+    # Independent reference: each saved model stepped over every whole test stream from its initial state.
+    store, splits = build_store(small_config())
+    for kind, entry in results['models'].items():
+        model = load_checkpoint(tmp_path / kind / 'best.pt').model.eval()
+        preds, labels = [], []
+        with torch.no_grad():
+            for sid in splits['test']:
+                session = store.load(sid)
+                va, _, _ = model.forward_sequence(torch.from_numpy(session.inputs())[None],
+                                                  torch.from_numpy(session.mask)[None])
+                preds.append(va[0].numpy())
+                labels.append(session.labels)
+        preds, labels = np.concatenate(preds), np.concatenate(labels)
+        for column, name in enumerate(('valence', 'arousal')):
+            expected = ccc(preds[:, column], labels[:, column])
+            assert entry['test'][name]['ccc'] == pytest.approx(expected, abs=1e-5)
+        assert entry['parameters'] == sum(p.numel() for p in model.parameters())
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert saved['models']['gru']['test']['valence']['n'] == 3 * 120
     table = (tmp_path / 'results.md').read_text()

@@ -1,6 +1,9 @@
 """`affective-trm benchmark model` runs end to end and writes its table; unknown benchmarks fail clearly."""
 
 import json
+from types import SimpleNamespace
+
+import pytest
 
 from affective_trm_ros.cli import main
 from affective_trm_ros.commands import benchmark
@@ -16,8 +19,31 @@ def test_benchmark_model_prints_a_table_and_writes_json(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [(r['model'], r['batch']) for r in rows] == [
         ('stateful TRM (default)', 1), ('stateful TRM (default)', 2), ('seed TRM', 1), ('seed TRM', 2)]
-    assert all(r['median_ms'] > 0 and r['p99_ms'] >= r['median_ms'] for r in rows)
+    assert all(r['steps'] == 2 and r['threads'] == 1 for r in rows)
     assert rows[2]['params'] > rows[0]['params']
+
+
+def test_time_steps_reports_the_statistics_of_the_timed_steps_only(monkeypatch):
+    """A fake clock that advances only inside model.step: the statistics are then exact."""
+    import torch
+
+    from affective_trm_ros.core.trm import StatefulTRM, TRMConfig
+
+    model = StatefulTRM(TRMConfig(modality_dims={'audio': 4, 'video': 4}, hidden_size=8, num_heads=2)).eval()
+    durations = iter([0.100, 0.005, 0.001, 0.004, 0.002, 0.003])  # seconds; the first is the warm-up step
+    now = [0.0]
+    real_step = model.step
+
+    def step(*args):
+        now[0] += next(durations)
+        return real_step(*args)
+
+    monkeypatch.setattr(model, 'step', step)
+    monkeypatch.setattr(benchmark, 'time', SimpleNamespace(perf_counter=lambda: now[0]))
+    stats = benchmark.time_steps(model, batch_size=2, steps=5, warmup=1, device=torch.device('cpu'))
+    # 5, 1, 4, 2, 3 ms: median 3, p99 4 + 0.96 * (5 - 4) = 4.96 (linear interpolation), mean 3.
+    assert stats == {'batch': 2, 'median_ms': pytest.approx(3.0), 'p99_ms': pytest.approx(4.96),
+                     'mean_ms': pytest.approx(3.0), 'steps': 5}
 
 
 def test_benchmark_model_rejects_bad_counts(capsys):
