@@ -21,6 +21,21 @@ def test_benchmark_model_prints_a_table_and_writes_json(tmp_path, capsys):
         ('stateful TRM (default)', 1), ('stateful TRM (default)', 2), ('seed TRM', 1), ('seed TRM', 2)]
     assert all(r['steps'] == 2 and r['threads'] == 1 for r in rows)
     assert rows[2]['params'] > rows[0]['params']
+    assert 'serving ms' in text and all(r['serving_median_ms'] > 0 for r in rows)
+
+
+def test_serving_timing_runs_the_predictor_with_that_many_streams():
+    """The serving column times FusionPredictor.step with one item per stream (NumPy in and out)."""
+    from affective_trm_ros.benchmarks.fusion import time_model_serving
+    from affective_trm_ros.core.trm import StatefulTRM, TRMConfig
+
+    model = StatefulTRM(TRMConfig(modality_dims={'audio': 4, 'video': 6, 'text': 3}, hidden_size=8,
+                                  num_heads=2))
+    batches = []
+    original = model.step
+    model.step = lambda x, mask, state: batches.append(x.shape[0]) or original(x, mask, state)
+    stats = time_model_serving(model, 3, steps=4, warmup=1, device='cpu')
+    assert batches == [3] * 5 and stats['people'] == 3 and stats['steps'] == 4
 
 
 def test_time_steps_reports_the_statistics_of_the_timed_steps_only(monkeypatch):

@@ -166,6 +166,17 @@ def time_serving(predictor, people: int, steps: int = PEOPLE_STEPS, warmup: int 
             'mean_ms': float(times.mean()), 'steps': steps}
 
 
+def time_model_serving(model, people: int, steps: int = PEOPLE_STEPS, warmup: int = PEOPLE_WARMUP,
+                       device: str = 'cpu') -> dict:
+    """:func:`time_serving` for an in-memory model (``affective-trm benchmark model``'s serving column):
+    what a user of the node pays per step, input conversion and output copy included."""
+    from affective_trm_ros.core.modalities import DEFAULT_ENCODERS
+    from affective_trm_ros.core.predictor import FusionPredictor
+    spec = [{'modality': m, 'encoder': DEFAULT_ENCODERS[m], 'dim': d} for m, d in model.modality_dims.items()]
+    predictor = FusionPredictor.from_model(model, spec, device=str(device), capacity=max(16, people))
+    return time_serving(predictor, people, steps, warmup)
+
+
 def measure_people(predictor, counts, steps: int = PEOPLE_STEPS, warmup: int = PEOPLE_WARMUP) -> list:
     """time_serving for each batch size, interleaved over three passes (a shared machine's load
     drifts; each size keeps the median of its passes' medians), with the ratio to the first size."""

@@ -2,8 +2,9 @@
 
 ``model`` times one fusion-model ``step`` (median and p99 latency) for one stream and for a batch
 of streams, at the default stateful-TRM configuration and at the seed configuration (plus the
-baselines with ``--all``). ``encoders`` and ``fusion`` hand over to the encoder and fusion
-benchmark modules.
+baselines with ``--all``), on tensors already on the device and through the serving path
+(``FusionPredictor.step``: NumPy in, NumPy out, the number the node pays). ``encoders`` and
+``fusion`` hand over to the encoder and fusion benchmark modules.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def _models(args):
 def run_model(args: argparse.Namespace) -> int:
     import torch
 
+    from affective_trm_ros.benchmarks.fusion import time_model_serving
     from affective_trm_ros.core.device import resolve_device
 
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.threads < 1:
@@ -140,16 +142,19 @@ def run_model(args: argparse.Namespace) -> int:
         model = factory().to(device).eval()
         for batch in sorted({1, args.batch}):
             stats = time_steps(model, batch, args.steps, args.warmup, device)
+            serving = time_model_serving(model, batch, args.steps, args.warmup, device)
+            stats.update(serving_median_ms=serving['median_ms'], serving_p99_ms=serving['p99_ms'])
             stats.update(model=name, params=model.num_parameters(), device=str(device), threads=args.threads,
                          load_average=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None)
             rows.append(stats)
     header = (f"{'model':<28} {'params':>10} {'streams':>7} {'median ms':>10} {'p99 ms':>8} "
-              f"{'per stream ms':>14}")
+              f"{'per stream ms':>14} {'serving ms':>11} {'serving p99':>11}")
     print(header)
     print('-' * len(header))
     for r in rows:
         print(f"{r['model']:<28} {r['params']:>10,} {r['batch']:>7} {r['median_ms']:>10.2f} "
-              f"{r['p99_ms']:>8.2f} {r['median_ms'] / r['batch']:>14.2f}")
+              f"{r['p99_ms']:>8.2f} {r['median_ms'] / r['batch']:>14.2f} {r['serving_median_ms']:>11.2f} "
+              f"{r['serving_p99_ms']:>11.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))
