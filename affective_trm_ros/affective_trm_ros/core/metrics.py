@@ -159,6 +159,15 @@ def bootstrap_sessions_ci(predictions: list, truths: list, metric=None, resample
     return float(np.percentile(values, tail)), float(np.percentile(values, 100.0 - tail))
 
 
+def mean_abs_error_per_frame(pred, true) -> np.ndarray:
+    """(N,) mean absolute error over each frame's labelled dimensions; NaN where none is labelled."""
+    diff = np.abs(np.asarray(pred, np.float64).reshape(-1, 2) - np.asarray(true, np.float64).reshape(-1, 2))
+    finite = np.isfinite(diff)
+    count = finite.sum(axis=1)
+    total = np.where(finite, diff, 0.0).sum(axis=1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def confidence_vs_error(confidence, predictions, truths, bins: int = 5) -> dict:
     """How a confidence output relates to the absolute error (mean over the labelled dimensions).
 
@@ -170,7 +179,7 @@ def confidence_vs_error(confidence, predictions, truths, bins: int = 5) -> dict:
     confidence = np.asarray(confidence, np.float64).reshape(-1)
     pred = np.asarray(predictions, np.float64).reshape(-1, 2)
     true = np.asarray(truths, np.float64).reshape(-1, 2)
-    error = np.nanmean(np.abs(pred - true), axis=1) if pred.size else np.zeros(0)
+    error = mean_abs_error_per_frame(pred, true)
     keep = np.isfinite(error) & np.isfinite(confidence) & (confidence > 0)
     confidence, error = confidence[keep], error[keep]
     result = {'n': int(keep.sum()), 'spearman': spearman(confidence, error), 'bins': []}

@@ -132,13 +132,13 @@ def plot_confidence_error(confidence: np.ndarray, predictions: np.ndarray, truth
                           title: str = 'confidence vs absolute error', seed: int = 0) -> Path:
     """Scatter of each labelled frame's confidence against its absolute error (mean over the two
     dimensions), with the mean error per confidence quintile."""
-    from affective_trm_ros.core.metrics import confidence_vs_error
+    from affective_trm_ros.core.metrics import confidence_vs_error, mean_abs_error_per_frame
 
     plt = _pyplot()
     confidence = np.asarray(confidence, np.float64).reshape(-1)
     pred = np.asarray(predictions, np.float64).reshape(-1, 2)
     true = np.asarray(truths, np.float64).reshape(-1, 2)
-    error = np.nanmean(np.abs(pred - true), axis=1)
+    error = mean_abs_error_per_frame(pred, true)
     keep = np.isfinite(error) & (confidence > 0)
     summary = confidence_vs_error(confidence, pred, true)
     points = np.flatnonzero(keep)
