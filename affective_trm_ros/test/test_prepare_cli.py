@@ -165,7 +165,7 @@ def test_allow_untrained_keeps_minilm_instead_of_an_untrained_embeddinggemma(tmp
                           '--limit', '1', '--device', 'cpu', '--quiet'], capsys)
     assert code == 0, err
     assert "'embeddinggemma' has no weights here, 'minilm' has real weights" in err
-    assert 'WARNING: untrained' not in err
+    assert 'All encoders ran with their pretrained weights: text minilm@all-MiniLM-L6-v2.' in err
     spec = FeatureStore(tmp_path / 's').encoder_spec
     assert [(e['modality'], e['encoder'], e['identity']) for e in spec] == [
         ('text', 'minilm', 'minilm@all-MiniLM-L6-v2')]

@@ -120,9 +120,7 @@ def _first_sentence(error: Exception) -> str:
 
 
 def untrained_line(encoders: Mapping) -> str:
-    """'' when every encoder has real weights, else the warning line commands print first."""
-    untrained = [f'{m} ({e.identity})' for m, e in encoders.items() if e.untrained]
-    if not untrained:
-        return ''
-    return (f'WARNING: untrained encoders (random weights): {", ".join(untrained)}; their features carry no '
-            f'affect information')
+    """The first line a command prints: which of the loaded encoders run with random weights."""
+    from affective_trm_ros.core.encoders import loading
+
+    return loading.untrained_line({m: e.identity for m, e in encoders.items()})

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from affective_trm_ros.core.encoders.loading import untrained_line
     from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoint, metrics_table
     from affective_trm_ros.offline.io.feature_store import FeatureStore
 
@@ -39,6 +40,7 @@ def run(args) -> int:
     out = args.out or args.checkpoint.parent / f'eval_{name}'
     try:
         store = FeatureStore(args.store)
+        print(untrained_line(store.encoder_identities))
         report = evaluate_checkpoint(
             args.checkpoint, store, split, device=args.device, out_dir=out, max_timeseries=args.max_timeseries
         )

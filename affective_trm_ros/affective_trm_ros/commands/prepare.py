@@ -100,10 +100,9 @@ def run(args) -> int:
     except ValueError as error:
         print(f'prepare: {error}', file=sys.stderr)
         return 2
-    warning = untrained_line(encoders)
-    if warning:
-        print(f'prepare: {warning}', file=sys.stderr)
+    print(untrained_line(encoders), file=sys.stderr)
     store, created = _open_store(args.store, encoders)
+    store.update_info(encoders={m: e.identity for m, e in encoders.items()})
     try:
         if args.source == 'crema-d':
             return _crema_d(args, inputs, settings, encoders, store)

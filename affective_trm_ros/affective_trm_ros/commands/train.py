@@ -104,7 +104,7 @@ def config_from_args(args):
         raise ValueError(f'--model-config is not valid JSON: {error}') from error
     if not isinstance(model_config, dict):
         raise ValueError('--model-config must be a JSON object')
-    splits = json.loads(args.splits_file.read_text()) if args.splits_file else None
+    splits = read_splits_file(args.splits_file) if args.splits_file else None
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     values.update(
@@ -120,17 +120,35 @@ def config_from_args(args):
     return TrainConfig(**values)
 
 
+def read_splits_file(path: Path) -> dict:
+    """The --splits-file JSON object; ValueError naming the file when it cannot be read or parsed."""
+    try:
+        splits = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f'--splits-file {path}: {error.strerror or error}') from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f'--splits-file {path} is not valid JSON (line {error.lineno}, '
+                         f'column {error.colno}: {error.msg})') from None
+    if not isinstance(splits, dict):
+        raise ValueError(f'--splits-file {path} must hold a JSON object '
+                         f'{{"train": [...], "val": [...], "test": [...]}} of session ids')
+    return splits
+
+
 def run(args) -> int:
+    from affective_trm_ros.core.encoders.loading import untrained_line
     from affective_trm_ros.offline.io.feature_store import FeatureStore
     from affective_trm_ros.offline.learning.train import train
 
     try:
         config = config_from_args(args)
         store = FeatureStore(args.store)
+        print(untrained_line(store.encoder_identities))
         result = train(store, config)
     except (FileNotFoundError, ValueError) as error:
         print(f'train: {error}', file=sys.stderr)
         return 1
+    _print_splits(result.splits, store.speakers())
     report = result.val_report
     ccc = {name: report[name]['ccc'] for name in ('valence', 'arousal', 'mean')}
     print(
@@ -138,9 +156,24 @@ def run(args) -> int:
         f"{ccc['valence']:.3f}, arousal {ccc['arousal']:.3f}, mean {ccc['mean']:.3f}"
     )
     print(f'checkpoint: {result.checkpoint_path}')
-    print(
-        f'splits: {", ".join(f"{k} {len(v)} sessions" for k, v in result.splits.items())}; '
-        f'evaluate with: affective-trm evaluate --checkpoint {result.checkpoint_path} --store {args.store} '
-        f'--split test'
-    )
+    if result.splits.get('test'):
+        print(f'evaluate with: affective-trm evaluate --checkpoint {result.checkpoint_path} '
+              f'--store {args.store} --split test')
+    else:
+        print('no test session was held out, so there is nothing to evaluate on in this store: prepare more '
+              'speakers, or evaluate on another store (affective-trm evaluate --store OTHER --split all)')
     return 0
+
+
+def _print_splits(splits: dict, speakers: dict) -> None:
+    """Which sessions and speakers went where; a missing validation split is said loudly."""
+    from affective_trm_ros.offline.learning.splits import split_speakers
+
+    people = split_speakers(splits, speakers)
+    for name, ids in splits.items():
+        print(f'{name}: {len(ids)} sessions, speakers {", ".join(people[name]) or "none"}')
+    if not splits.get('val'):
+        print('WARNING: NO VALIDATION SESSION. Early stopping and the validation CCC below were computed '
+              'on the TRAINING sessions, so they say nothing about unseen people. Get a validation split '
+              'from more speakers in the store, or with --split-by session (sessions, not speakers, are '
+              'split: a speaker may then be in training and validation).')

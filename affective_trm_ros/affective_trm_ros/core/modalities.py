@@ -15,11 +15,6 @@ MODALITY_BITS = {VIDEO: 1, AUDIO: 2, TEXT: 4}
 DEFAULT_ENCODERS = {VIDEO: 'hsemotion_enet_b0', AUDIO: 'dasheng_base', TEXT: 'embeddinggemma'}
 
 
-def mask_to_bits(present: dict) -> int:
-    """{'video': True, 'audio': False, ...} -> bitmask of the present modalities."""
-    return sum(bit for name, bit in MODALITY_BITS.items() if present.get(name))
-
-
 def bits_to_names(bits: int) -> list:
     """Bitmask -> present modality names in FEATURE_ORDER."""
     return [name for name in FEATURE_ORDER if bits & MODALITY_BITS[name]]

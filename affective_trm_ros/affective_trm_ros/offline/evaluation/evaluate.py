@@ -18,6 +18,7 @@ import numpy as np
 
 from affective_trm_ros.core.checkpoint import check_encoder_spec, load_checkpoint
 from affective_trm_ros.core.device import resolve_device
+from affective_trm_ros.core.encoders.loading import untrained_line
 from affective_trm_ros.core.metrics import DIMENSIONS, confidence_vs_error, regression_report
 from affective_trm_ros.offline.learning.data import SessionSource
 from affective_trm_ros.offline.learning.splits import (
@@ -90,6 +91,10 @@ def evaluate_checkpoint(
     preds = {sid: predictions[sid][0] for sid in session_ids}
     confidence = {sid: predictions[sid][1] for sid in session_ids}
     truths = {sid: source.arrays(sid)[2] for sid in session_ids}
+    if not any(np.all(np.isfinite(truth), axis=1).any() for truth in truths.values()):
+        raise ValueError(f'the {len(session_ids)} session(s) of {origin} in {store.root} have no labelled '
+                         f'frame: CCC, RMSE and Pearson r need ground truth (prepare with labels: a label '
+                         f'CSV or the affect/ground_truth topic)')
     timestamps = {sid: source.arrays(sid)[3] for sid in session_ids}
     masks = np.concatenate([source.arrays(sid)[1] for sid in session_ids])
     report = build_report(preds, truths, confidence=confidence)
@@ -103,12 +108,15 @@ def evaluate_checkpoint(
             'split_origin': origin,
             'modality_presence': {m: float(masks[:, i].mean()) for i, m in enumerate(store.modalities)},
             'trained_epoch': loaded.metadata.get('epoch'),
+            'encoders': dict(getattr(store, 'encoder_identities', {})),
         }
     )
     if out_dir is not None:
         write_report(
             report, out_dir, preds, truths, timestamps, confidence=confidence, max_timeseries=max_timeseries
         )
+        markdown = Path(out_dir) / REPORT_MD   # its first line says which encoders ran untrained
+        markdown.write_text(untrained_line(report['encoders']) + '\n\n' + markdown.read_text())
     return report
 
 

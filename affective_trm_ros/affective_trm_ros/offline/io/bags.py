@@ -150,7 +150,6 @@ def new_message(msgtype: str, store: Optional[Typestore] = None, **fields: Any) 
 
 def _default(store: Typestore, kind: Any, spec: Any) -> Any:
     import numpy as np
-
     from rosbags.interfaces import Nodetype
 
     if kind == Nodetype.NAME:
@@ -395,10 +394,6 @@ class BagWriter:
         connection = self._connection(topic)
         self._writer.write(connection, int(log_time_ns),
                            self.store.serialize_cdr(message, connection.msgtype))
-
-    def write_raw(self, topic: str, log_time_ns: int, data: bytes) -> None:
-        """Write already serialized CDR bytes."""
-        self._writer.write(self._connection(topic), int(log_time_ns), data)
 
     def _connection(self, topic: str) -> Connection:
         try:

@@ -156,6 +156,14 @@ class _SpecView:
         return {entry['modality']: entry['dim'] for entry in self._spec}
 
     @property
+    def encoder_identities(self) -> dict:
+        """modality -> '<plugin>@<weights>' of the encoders that made the features (says '@untrained'
+        when they ran with random weights; the plugin id alone when the store does not know)."""
+        recorded = dict(getattr(self, 'info', {}).get('encoders') or {})
+        return {e['modality']: e.get('identity') or recorded.get(e['modality']) or e['encoder']
+                for e in self.encoder_spec}
+
+    @property
     def input_dim(self) -> int:
         return sum(self.dims.values())
 
@@ -300,9 +308,6 @@ class FeatureStore(_SpecView):
                 labels=data['labels'],
                 meta=json.loads(str(data['meta'])),
             )
-
-    def load_many(self, session_ids) -> list:
-        return [self.load(sid) for sid in session_ids]
 
 
 def _spec_core(spec) -> list:

@@ -144,9 +144,6 @@ class SessionSource:
                 hasher.update(array.tobytes())
         return hasher.hexdigest()[:16]
 
-    def total_frames(self) -> int:
-        return sum(self.lengths.values())
-
     def labelled_frames(self) -> int:
         return sum(int(np.sum(np.all(np.isfinite(self.arrays(sid)[2]), axis=1))) for sid in self.ids)
 
