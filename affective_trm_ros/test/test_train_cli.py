@@ -53,23 +53,18 @@ def test_train_says_which_speakers_went_where_and_which_encoders_ran_untrained(t
     assert '--split test' in out
 
 
-def test_no_validation_session_is_said_loudly_with_the_way_to_get_one(tmp_path, capsys):
+@pytest.mark.parametrize('fractions, empty, said, not_said', [
+    (('0.75', '0', '0.25'), 'val',
+     ['WARNING: NO VALIDATION SESSION', '--split-by session', 'TRAINING sessions'], []),
+    (('0.75', '0.25', '0'), 'test', ['no test session was held out'], ['--split test']),
+])
+def test_an_empty_split_is_said_with_the_way_out(tmp_path, capsys, fractions, empty, said, not_said):
     make_store(tmp_path / 'store')
     code, out, err = run(['train', '--store', str(tmp_path / 'store'), '--out', str(tmp_path / 'run'), *FAST,
-                          '--split-fractions', '0.75', '0', '0.25'], capsys)
+                          '--split-fractions', *fractions], capsys)
     assert code == 0, err
-    assert 'val: 0 sessions, speakers none' in out
-    assert 'WARNING: NO VALIDATION SESSION' in out and '--split-by session' in out
-    assert 'TRAINING sessions' in out
-
-
-def test_an_empty_test_split_gets_no_evaluate_suggestion(tmp_path, capsys):
-    make_store(tmp_path / 'store')
-    code, out, err = run(['train', '--store', str(tmp_path / 'store'), '--out', str(tmp_path / 'run'), *FAST,
-                          '--split-fractions', '0.75', '0.25', '0'], capsys)
-    assert code == 0, err
-    assert 'test: 0 sessions' in out
-    assert '--split test' not in out and 'no test session was held out' in out
+    assert f'{empty}: 0 sessions, speakers none' in out
+    assert all(text in out for text in said) and not any(text in out for text in not_said)
 
 
 def test_a_splits_file_that_is_not_json_is_named(tmp_path, capsys):

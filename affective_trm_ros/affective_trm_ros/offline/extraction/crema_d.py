@@ -194,24 +194,9 @@ def prepare_crema_d(
             continue
         label = clip_label(clip, label_seed)
         labels = np.repeat(label[None, :], len(result.timestamps), axis=0)
-        store.write_session(
-            clip.name,
-            speaker=clip.actor,
-            timestamps=result.timestamps,
-            features=result.features,
-            mask=result.mask,
-            labels=labels,
-            meta={
-                'source': 'crema-d',
-                'emotion': clip.emotion,
-                'intensity': clip.intensity,
-                'sentence': clip.sentence,
-                'text': clip.text,
-                'fps': fps,
-                'label_seed': label_seed,
-                **result.info,
-            },
-        )
+        result.write(store, clip.name, speaker=clip.actor, labels=labels, meta={
+            'source': 'crema-d', 'emotion': clip.emotion, 'intensity': clip.intensity,
+            'sentence': clip.sentence, 'text': clip.text, 'fps': fps, 'label_seed': label_seed})
         written += 1
     store.update_info(
         source='crema-d',

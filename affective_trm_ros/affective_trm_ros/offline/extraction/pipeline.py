@@ -72,6 +72,11 @@ class ExtractionResult:
     mask: np.ndarray  # (T, M) bool, columns in the encoders' modality order
     info: dict  # counts: frames, audio windows, valid embeddings per modality, resets
 
+    def write(self, store, session_id: str, *, speaker: str, labels: np.ndarray, meta: dict) -> None:
+        """Write this session into ``store`` with ``labels`` (T, 2) and ``meta`` (plus the counts)."""
+        store.write_session(session_id, speaker=speaker, timestamps=self.timestamps, features=self.features,
+                            mask=self.mask, labels=labels, meta={**meta, **self.info})
+
 
 def encoder_spec(encoders: Mapping[str, Any]) -> list:
     """The feature-store / checkpoint encoder spec of loaded encoders, in FEATURE_ORDER:

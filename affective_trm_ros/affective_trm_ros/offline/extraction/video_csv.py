@@ -205,21 +205,8 @@ def prepare_video(
     labels = labels_for_frames(result.timestamps, label_times, label_values, fps, tolerance_s)
     labelled_fraction = check_label_coverage(labels, f'label file {labels_path}', f"video '{video_path}'",
                                              result.timestamps)
-    store.write_session(
-        session_id,
-        speaker=speaker or session_id,
-        timestamps=result.timestamps,
-        features=result.features,
-        mask=result.mask,
-        labels=labels,
-        meta={
-            'source': 'video',
-            'video': str(video_path),
-            'labels': str(labels_path),
-            'audio': str(audio_path) if audio_path else 'container',
-            'fps': fps,
-            'labelled_fraction': labelled_fraction,
-            **result.info,
-        },
-    )
+    result.write(store, session_id, speaker=speaker or session_id, labels=labels, meta={
+        'source': 'video', 'video': str(video_path), 'labels': str(labels_path),
+        'audio': str(audio_path) if audio_path else 'container', 'fps': fps,
+        'labelled_fraction': labelled_fraction})
     return session_id
