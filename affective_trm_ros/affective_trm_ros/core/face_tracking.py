@@ -222,7 +222,8 @@ class FaceTracker:
             for i in indices:
                 (bx, by), other = _centre(boxes[i]), _size(boxes[i])
                 distance = math.hypot(bx - gx, by - gy) / size
-                if distance <= self.reacquire_distance and 1 / MAX_SIZE_RATIO <= other / size <= MAX_SIZE_RATIO:
+                similar_size = 1 / MAX_SIZE_RATIO <= other / size <= MAX_SIZE_RATIO
+                if distance <= self.reacquire_distance and similar_size:
                     candidates.append((distance, track.track_id, i))
         pairs: dict = {}
         for _, track_id, index in sorted(candidates):
