@@ -31,12 +31,15 @@ setup(
             'text_encoder = affective_trm_ros.nodes.text_encoder_node:main',
             'fusion = affective_trm_ros.nodes.fusion_node:main',
             'visualizer = affective_trm_ros.nodes.visualizer_node:main',
+            'hri_expression = affective_trm_ros.nodes.hri_expression_node:main',
         ],
         # Encoder plugins: name = module:Class (see affective_trm_ros/core/encoders/base.py).
         'affective_trm_ros.encoders': [
             'hsemotion_enet_b0 = affective_trm_ros.core.encoders.video:HSEmotionEncoder',
             'hsemotion_enet_b0_va = affective_trm_ros.core.encoders.video:HSEmotionVAEncoder',
+            'fer_mini_xception = affective_trm_ros.core.encoders.fer:FERMiniXceptionEncoder',
             'dasheng_base = affective_trm_ros.core.encoders.audio:DashengEncoder',
+            'egemaps = affective_trm_ros.core.encoders.egemaps:EGeMAPSEncoder',
             'embeddinggemma = affective_trm_ros.core.encoders.text:EmbeddingGemmaEncoder',
             'minilm = affective_trm_ros.core.encoders.text:MiniLMEncoder',
         ],

@@ -46,12 +46,15 @@ def tone(seconds: float = 1.0, freq: float = 220.0, amp: float = 0.3, seed: int 
     return (amp * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
 
 
-def test_embedding_is_the_mean_of_the_window_tokens(checkpoint, encoder):
-    _, model = checkpoint
+def test_embedding_is_upstreams_model_output_mean_pooled(checkpoint, encoder):
+    """The reference is the dasheng package's own loader and forward: Dasheng.from_pretrained(file),
+    model(waveform) -> (1, tokens, 768), averaged over the tokens (time)."""
+    path, _ = checkpoint
+    upstream = Dasheng.from_pretrained(str(path)).eval()
     wave = tone()
     embedding, valid = encoder.encode(wave)
     with torch.no_grad():
-        tokens = model(torch.from_numpy(wave)[None])
+        tokens = upstream(torch.from_numpy(wave)[None])
     assert tokens.shape[1] == TOKENS_PER_SECOND  # 1 s -> 25 tokens
     assert valid and embedding.shape == (768,) and embedding.dtype == np.float32
     np.testing.assert_allclose(embedding, tokens.mean(1)[0].numpy(), atol=1e-5)
@@ -125,6 +128,39 @@ def test_other_width_is_not_dasheng_base(tmp_path):
         load_encoder('dasheng_base', device='cpu', weights=str(path))
 
 
+@pytest.mark.parametrize('content, why', [(b'', r'empty \(0 bytes\)'),
+                                          (b'garbage', r'Dasheng checkpoint: \w+')])
+def test_unreadable_checkpoint_says_why(tmp_path, content, why):
+    path = tmp_path / 'tiny.pt'
+    path.write_bytes(content)
+    with pytest.raises(WeightsFormatError, match=why):
+        load_encoder('dasheng_base', device='cpu', weights=str(path))
+
+
+def test_corrupted_cache_file_is_refused(tmp_path, monkeypatch, checkpoint):
+    monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
+    cached = tmp_path / 'dasheng' / 'dasheng_base.pt'
+    cached.parent.mkdir()
+    cached.write_bytes(checkpoint[0].read_bytes())
+    registry.record_checksum('dasheng_base', '0' * 64)
+    with pytest.raises(registry.WeightsChecksumError, match='corrupted or replaced'):
+        load_encoder('dasheng_base', device='cpu')
+    registry.record_checksum('dasheng_base', registry.sha256_path(cached))
+    assert load_encoder('dasheng_base', device='cpu').identity == 'dasheng_base@dasheng_base'
+
+
+def test_non_finite_output_is_invalid_and_counted(tmp_path, checkpoint):
+    _, model = checkpoint
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state['norm.weight'][0] = float('inf')
+    path = tmp_path / 'inf.pt'
+    torch.save({'model': state, 'config': dict(TINY_CONFIG)}, path)
+    encoder = load_encoder('dasheng_base', device='cpu', weights=str(path))
+    result = encoder.encode_batch([tone(), tone(freq=440)])
+    assert result.valid.tolist() == [False, False] and result.nonfinite.all()
+    assert not result.embeddings.any() and encoder.nonfinite_outputs == 2
+
+
 def test_missing_weights_and_untrained_opt_in(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(registry.ENV_VAR, str(tmp_path))
     with pytest.raises(WeightsNotFoundError) as err:
@@ -136,3 +172,68 @@ def test_missing_weights_and_untrained_opt_in(tmp_path, monkeypatch, caplog):
     assert untrained.identity == 'dasheng_base@untrained'
     assert 'UNTRAINED' in caplog.text
     assert len(untrained.model.blocks) == 12  # the real base architecture, randomly initialised
+
+
+# --- egemaps: openSMILE eGeMAPSv02 functionals -----------------------------------------------------
+
+@pytest.fixture(scope='module')
+def egemaps():
+    pytest.importorskip('opensmile', reason='the opensmile package is not installed')
+    return load_encoder('egemaps', device='cpu')
+
+
+def speech(pitch: int = 50, amplitude: int = 100, seconds: float = 1.0) -> np.ndarray:
+    """One second of real synthetic speech: espeak-ng saying a sentence, 16 kHz float mono."""
+    from affective_trm_ros.offline.synthetic.sample_sessions import espeak_available, synthesize
+    if not espeak_available():
+        pytest.skip('espeak-ng is not installed (apt-get install espeak-ng)')
+    wave = synthesize('I really did not expect to see you here today', rate_wpm=170, pitch=pitch,
+                      amplitude=amplitude, sample_rate=16000)
+    start = int(np.argmax(np.abs(wave) > 0.01))   # skip the leading silence
+    return wave[start:start + int(16000 * seconds)]
+
+
+def test_egemaps_equals_opensmiles_own_functionals(egemaps):
+    import opensmile
+    reference = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
+                                feature_level=opensmile.FeatureLevel.Functionals)
+    wave = speech()
+    embedding, valid = egemaps.encode(wave)
+    expected = reference.process_signal(wave, 16000)
+    assert valid and embedding.shape == (88,) and embedding.dtype == np.float32
+    assert egemaps.feature_names == list(expected.columns)
+    np.testing.assert_allclose(embedding, expected.to_numpy()[0], rtol=1e-5, atol=1e-6)
+    assert egemaps.identity == 'egemaps@eGeMAPSv02' and egemaps.sample_rate == 16000
+
+
+def test_egemaps_pitch_and_loudness_features_follow_the_voice(egemaps):
+    names = egemaps.feature_names
+    f0 = names.index('F0semitoneFrom27.5Hz_sma3nz_amean')
+    loudness = names.index('loudness_sma3_amean')
+    low, high, quiet, loud = egemaps.encode_batch([
+        speech(pitch=20), speech(pitch=80), speech(amplitude=30), speech(amplitude=180)]).embeddings
+    # espeak-ng pitch 20 -> 80 raises the voice by several semitones; amplitude x6 is ~15 dB louder.
+    assert high[f0] > low[f0] + 3.0, (low[f0], high[f0])
+    assert loud[loudness] > 2.0 * quiet[loudness], (quiet[loudness], loud[loudness])
+    assert abs(loud[f0] - quiet[f0]) < 1.5        # loudness does not move the pitch features
+    assert abs(high[loudness] - low[loudness]) < 0.5 * max(high[loudness], low[loudness])
+
+
+def test_egemaps_batch_equals_single_calls_and_silence_is_invalid(egemaps):
+    windows = [speech(), np.zeros(16000, np.float32), speech(seconds=0.5), speech(pitch=70)]
+    batch = egemaps.encode_batch(windows)
+    assert batch.valid.tolist() == [True, False, True, True]
+    assert not batch.embeddings[1].any()
+    for index, window in enumerate(windows):
+        np.testing.assert_allclose(egemaps.encode(window)[0], batch.embeddings[index], rtol=1e-6)
+
+
+def test_egemaps_shares_the_waveform_contract_with_dasheng(egemaps, encoder):
+    from affective_trm_ros.core.encoders.base import encoder_class
+    assert (egemaps.modality, egemaps.input_kind, egemaps.sample_rate) == (
+        encoder.modality, encoder.input_kind, encoder.sample_rate)
+    assert encoder_class('egemaps').dim == 88
+    with pytest.raises(ValueError, match='1-D'):
+        egemaps.encode(np.zeros((2, 16000), np.float32))
+    with pytest.raises(ValueError, match='NaN or Inf'):
+        egemaps.encode(np.full(16000, np.nan, np.float32))

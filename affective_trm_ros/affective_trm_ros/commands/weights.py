@@ -1,9 +1,12 @@
 """`affective-trm weights [list|fetch|verify]`: the pretrained weight files the suite knows about.
 
-``list`` shows every known file with its source URL, size, SHA-256 and whether it is present in the
-cache directory ($AFFECTIVE_TRM_WEIGHTS, default ~/.cache/affective_trm/weights). ``fetch`` downloads
-missing files (network needed; progress bar; atomic rename; checksum verified, or recorded at first
-fetch where none is published). ``verify`` re-hashes present files against those checksums.
+``list`` shows, for each modality, which encoder plugins have their real weights on this machine
+right now, then every known file with its source URL, size, SHA-256 and whether it is present in the
+cache directory ($AFFECTIVE_TRM_WEIGHTS, default ~/.cache/affective_trm/weights) or in its pip
+package. ``fetch`` downloads missing files (network needed; progress bar; atomic rename; checksum
+verified, or recorded at first fetch where none is published). ``verify`` re-hashes present files
+against those checksums (pip-shipped files: against the package's RECORD). An unknown name prints
+the known ones and exits with status 2.
 """
 
 from __future__ import annotations
@@ -31,19 +34,47 @@ def _size(entry: registry.WeightFile) -> str:
     return f'{entry.size / 1e6:.1f} MB'
 
 
-def _names(args: argparse.Namespace) -> list:
-    for name in args.names:
-        registry.known(name)  # raises a clear KeyError for a typo
-    return args.names or list(registry.KNOWN_WEIGHTS)
+def _unknown(names: list) -> list:
+    return [name for name in names if name not in registry.KNOWN_WEIGHTS]
 
 
-def list_weights(names: list) -> int:
+def plugins_by_modality() -> dict:
+    """modality -> [(plugin id, weights name or None, status)] for every installed encoder plugin."""
+    from affective_trm_ros.core.encoders.base import available_encoders, plugin_weights_status
+
+    table: dict = {}
+    for plugin_id in sorted(available_encoders()):
+        try:
+            modality, name, status = plugin_weights_status(plugin_id)
+        except Exception as err:  # noqa: BLE001 - a broken third-party plugin must not hide the others
+            modality, name, status = '?', None, f'cannot load the plugin: {err}'
+        table.setdefault(modality, []).append((plugin_id, name, status))
+    return table
+
+
+def print_plugin_table() -> None:
+    print('real weights on this machine, per modality:')
+    for modality, rows in sorted(plugins_by_modality().items()):
+        ready = [plugin for plugin, _, status in rows if status == 'present']
+        print(f"  {modality}: {', '.join(ready) if ready else 'none (only allow_untrained runs)'}")
+        for plugin, name, status in rows:
+            detail = f'{name}: {status}' if name else status
+            hint = f'; get it: {registry.fetch_command(name)}' if status == 'missing' else ''
+            print(f'    {plugin:<22} {detail}{hint}')
+
+
+def list_weights(names: list, plugins: bool = True) -> int:
+    if plugins:
+        print_plugin_table()
+        print()
     print(f'weights directory: {registry.weights_dir()} (override with ${registry.ENV_VAR})')
     recorded = registry.recorded_checksums()
     for name in names:
         entry = registry.known(name)
         present = registry.is_present(name)
-        if entry.sha256:
+        if entry.pip_package:
+            sha = registry.PIP_SHA
+        elif entry.sha256:
             sha = f'{entry.sha256} (published)'
         elif name in recorded:
             sha = f'{recorded[name]} (recorded at first fetch)'
@@ -53,8 +84,13 @@ def list_weights(names: list) -> int:
         print(f'  {entry.description}')
         print(f"  used by: {', '.join(entry.used_by)}")
         print(f'  path:    {registry.expected_path(name)}')
-        print(f'  source:  {entry.url}')
-        print(f'  size:    {_size(entry)}')
+        if entry.pip_package:
+            print(f'  source:  pip package {entry.pip_package} ({entry.url})')
+        else:
+            print(f'  source:  {entry.url}')
+            for mirror in entry.mirrors:
+                print(f'  or:      {mirror}')
+            print(f'  size:    {_size(entry)}')
         print(f'  sha256:  {sha}')
         if entry.note:
             print(f'  note:    {entry.note}')
@@ -87,7 +123,12 @@ def verify_weights(names: list) -> int:
     for name in names:
         result = registry.verify(name)
         line = f'{name}: {result.status}'
-        if result.status == 'mismatch':
+        if result.status == 'mismatch' and registry.known(name).pip_package:
+            bad += 1
+            line += (f' ({result.actual} differ from the pip RECORD); reinstall: '
+                     f'pip install --force-reinstall '
+                     f'--no-deps {registry.known(name).pip_package}')
+        elif result.status == 'mismatch':
             bad += 1
             line += f' (expected {result.expected}, got {result.actual}); delete it and fetch again'
         elif result.status == 'unverified':
@@ -97,9 +138,14 @@ def verify_weights(names: list) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = _names(args)
+    unknown = _unknown(args.names)
+    if unknown:
+        print(f"unknown weight name(s): {', '.join(unknown)}; known: {', '.join(registry.KNOWN_WEIGHTS)}",
+              file=sys.stderr)
+        return 2
+    names = args.names or list(registry.KNOWN_WEIGHTS)
     if args.action == 'list':
-        return list_weights(names)
+        return list_weights(names, plugins=not args.names)
     if args.action == 'fetch':
         return fetch_weights(names, explicit=bool(args.names), force=args.force,
                              progress=not args.no_progress)

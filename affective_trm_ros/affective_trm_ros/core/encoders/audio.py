@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from affective_trm_ros.core.encoders import weights as weight_registry
 from affective_trm_ros.core.encoders.base import Encoder, EncodeResult, WeightsFormatError
 
 LOGGER = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def load_dasheng(path: Path) -> torch.nn.Module:
     try:
         dump = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means: not a readable checkpoint
-        raise WeightsFormatError(f'cannot read {path} as a Dasheng checkpoint: {err}') from err
+        raise WeightsFormatError(f'cannot read {path} as a Dasheng checkpoint: '
+                                 f'{weight_registry.describe_unreadable(path, err)}') from err
     if not isinstance(dump, dict) or 'model' not in dump or 'config' not in dump:
         keys = sorted(dump) if isinstance(dump, dict) else type(dump).__name__
         raise WeightsFormatError(f'{path} is not a Dasheng checkpoint: expected a dict with "model" and '
@@ -108,7 +110,7 @@ class DashengEncoder(Encoder):
                                      f'Dasheng model, but dasheng_base produces {self.dim}-d embeddings')
 
     def _load_model(self) -> torch.nn.Module:
-        path = self._weights_or_untrained(self.weights_name)
+        path = self._weights_or_untrained(self.weights_name)   # a cached file's SHA-256 is checked there
         if path is None:
             return untrained_dasheng()
         model = load_dasheng(path)

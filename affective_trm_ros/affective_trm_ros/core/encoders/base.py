@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -24,6 +25,14 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 
 from affective_trm_ros.core.device import resolve_device
+from affective_trm_ros.core.encoders import weights as weight_registry
+
+# The weight errors live with the weights registry; re-exported here, where plugins look for them.
+from affective_trm_ros.core.encoders.weights import (  # noqa: F401
+    WeightsChecksumError,
+    WeightsFormatError,
+    WeightsNotFoundError,
+)
 
 ENTRY_POINT_GROUP = 'affective_trm_ros.encoders'
 ENCODER_API_VERSION = 1
@@ -37,23 +46,25 @@ INPUT_KINDS = {
 
 UNTRAINED = 'untrained'
 LOGGER = logging.getLogger(__name__)
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A weight file is missing; the message names the file, where it was looked for and the fix."""
-
-
-class WeightsFormatError(ValueError):
-    """A weight file does not hold what the encoder expects; the message says what differs."""
+# At most one warning per encoder in this many seconds about non-finite outputs: a corrupted model
+# gives NaN on every input, and one line per frame would drown the log.
+NONFINITE_WARN_PERIOD_S = 10.0
 
 
 @dataclass
 class EncodeResult:
-    """Output of encode_batch: one row per input."""
+    """Output of encode_batch: one row per input.
+
+    ``extras`` keys shared across plugins: ``expression_classes`` (list of K class names) with
+    ``expression_probabilities`` (N, K) for encoders with a categorical expression head.
+    """
 
     embeddings: np.ndarray  # float32, shape (N, dim); rows of invalid inputs are zeros
     valid: np.ndarray       # bool, shape (N,): False when the input held nothing to encode
     extras: Optional[dict] = None  # optional per-row side outputs, e.g. {'valence_arousal': (N, 2)}
+    # bool (N,): rows the encoder computed but whose numbers were not finite (NaN/Inf); they are
+    # reported valid=False with a zero row. Filled by Encoder.encode_batch.
+    nonfinite: Optional[np.ndarray] = None
 
 
 class Encoder(abc.ABC):
@@ -68,6 +79,13 @@ class Encoder(abc.ABC):
     * ``allow_untrained``: explicit opt-in to run with random weights when none are found; the
       encoder then reports ``weights_identity == 'untrained'`` so every output says so.
       Without it a missing file raises :class:`WeightsNotFoundError`.
+
+    Outputs that are not finite (NaN/Inf, e.g. from a corrupted weights file) never pass as valid:
+    ``encode_batch`` turns such rows into ``valid=False`` zero rows, counts them in
+    ``nonfinite_outputs`` (for ``/diagnostics``) and logs a throttled warning.
+
+    ``weights_name`` (class attribute, optional): the registry name of the weights the plugin loads
+    by default, so ``affective-trm weights list`` can say whether they are on this machine.
     """
 
     api_version: ClassVar[int] = ENCODER_API_VERSION
@@ -75,6 +93,7 @@ class Encoder(abc.ABC):
     input_kind: ClassVar[str]
     dim: int
     sample_rate: ClassVar[Optional[int]] = None  # waveform encoders: expected rate in Hz
+    weights_name: ClassVar[Optional[str]] = None  # registry name of the default weights, if any
 
     def __init__(self, device: str = 'auto', weights: Optional[str] = None,
                  allow_untrained: bool = False, **options: Any) -> None:
@@ -84,6 +103,8 @@ class Encoder(abc.ABC):
         self.options = options
         self.weights_identity = UNTRAINED
         self.plugin_id = type(self).__name__
+        self.nonfinite_outputs = 0          # rows invalidated because their numbers were not finite
+        self._last_nonfinite_warning = -float('inf')
 
     def _weights_or_untrained(self, weights_name: str, untrained_note: str = '') -> Optional[str]:
         """Path of the weight file, or None when it is missing and ``allow_untrained`` opted in.
@@ -91,10 +112,8 @@ class Encoder(abc.ABC):
         In the second case ``weights_identity`` becomes 'untrained' and a warning says so. A missing
         explicit ``weights`` path always raises: the user named a file that is not there.
         """
-        from affective_trm_ros.core.encoders.weights import resolve  # weights.py imports this module
-
         try:
-            return resolve(weights_name, self.weights_path)
+            return weight_registry.resolve(weights_name, self.weights_path)
         except FileNotFoundError:
             if not self.allow_untrained or self.weights_path:
                 raise
@@ -120,6 +139,26 @@ class Encoder(abc.ABC):
         if result.embeddings.shape != (len(inputs), self.dim):
             raise RuntimeError(f'{self.identity} returned shape {result.embeddings.shape}, '
                                f'expected {(len(inputs), self.dim)}')
+        return self._invalidate_nonfinite(result)
+
+    def _invalidate_nonfinite(self, result: EncodeResult) -> EncodeResult:
+        """Rows with NaN/Inf become valid=False zero rows; counted and warned about (throttled)."""
+        valid = np.asarray(result.valid, dtype=bool)
+        bad = valid & ~np.isfinite(result.embeddings).all(axis=1)
+        result.nonfinite = bad
+        if not bad.any():
+            return result
+        result.valid = valid & ~bad
+        result.embeddings = result.embeddings.copy()
+        result.embeddings[bad] = 0.0
+        self.nonfinite_outputs += int(bad.sum())
+        now = time.monotonic()
+        if now - self._last_nonfinite_warning >= NONFINITE_WARN_PERIOD_S:
+            self._last_nonfinite_warning = now
+            LOGGER.warning('%s produced non-finite (NaN/Inf) embeddings for %d of %d input(s), %d so far; '
+                           'they are reported invalid. Corrupted weights? Check them with '
+                           '`affective-trm weights verify`', self.identity, int(bad.sum()), bad.size,
+                           self.nonfinite_outputs)
         return result
 
     def encode(self, item: Any) -> tuple[np.ndarray, bool]:
@@ -151,6 +190,19 @@ def encoder_class(plugin_id: str) -> type:
         raise TypeError(f"encoder plugin '{plugin_id}' implements encoder API v{cls.api_version}; "
                         f"this suite speaks v{ENCODER_API_VERSION}")
     return cls
+
+
+def plugin_weights_status(plugin_id: str) -> tuple:
+    """(modality, weights name or None, status) for an installed plugin, without loading any weights.
+
+    status: 'present' (its real weights are on this machine), 'missing', or 'none known' (the plugin
+    names no registry weights; a third-party plugin that manages its own).
+    """
+    cls = encoder_class(plugin_id)
+    name = getattr(cls, 'weights_name', None)
+    if not name or name not in weight_registry.KNOWN_WEIGHTS:
+        return cls.modality, None, 'none known'
+    return cls.modality, name, 'present' if weight_registry.is_present(name) else 'missing'
 
 
 def load_encoder(plugin_id: str, **kwargs: Any) -> Encoder:
