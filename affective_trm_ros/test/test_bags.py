@@ -115,7 +115,8 @@ def test_raw_bytes_are_what_rclpy_publishes(tmp_path):
 
 def test_new_message_fills_unset_fields_with_ros_defaults():
     message = new_message(VALENCE_AROUSAL, header=make_header(7), stream_id='face_1', valence=0.5)
-    assert (message.stream_id, message.valence, message.arousal, message.modalities) == ('face_1', 0.5, 0.0, 0)
+    assert (message.stream_id, message.valence, message.arousal) == ('face_1', 0.5, 0.0)
+    assert message.modalities == 0
     assert (message.roi.width, message.roi.do_rectify, message.header.stamp.nanosec) == (0, False, 7)
     embedding = new_message('affective_msgs/msg/ModalityEmbedding', modality='video')
     assert embedding.data.dtype == np.float32 and embedding.data.size == 0
@@ -182,3 +183,102 @@ def test_time_helpers():
     stamp = ns_to_time(1_735_689_600_123_456_789)
     assert (stamp.sec, stamp.nanosec) == (1_735_689_600, 123_456_789)
     assert time_to_ns(stamp) == 1_735_689_600_123_456_789
+
+
+# ---------------------------------------------------------------- several people in one bag
+
+PEOPLE_FPS = 10
+PEOPLE_VALENCE = {'face_0': 0.5, 'face_1': -0.5}   # left and right face (the tracker numbers left to right)
+
+
+def _write_two_people(path, frames=12):
+    """Two faces side by side (the right one darker), a 440 Hz tone, one utterance, ground truth per face."""
+    import cv2
+    from skimage.data import astronaut
+
+    face = cv2.resize(astronaut()[0:260, 130:370], (160, 160))
+    image = np.full((200, 360, 3), 90, np.uint8)
+    image[20:180, 10:170] = face
+    image[20:180, 190:350] = (face[:, ::-1] * 0.7).astype(np.uint8)
+    types = affective_typestore().types
+    start = 3_000_000_000
+    with BagWriter(path) as bag:
+        bag.add_topic('/image_raw', IMAGE)
+        bag.add_topic('/audio', AUDIO_DATA_STAMPED)
+        bag.add_topic('/speech', STRING)
+        bag.add_topic('/affect/ground_truth', VALENCE_AROUSAL)
+        samples = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000 * 2) / 16000) * 32767).astype('<i2')
+        for k in range(4):     # 0.5 s chunks, S16LE mono 16 kHz (the audio node's defaults)
+            chunk = samples[k * 8000:(k + 1) * 8000].view(np.uint8)
+            stamp = start + k * 500_000_000
+            bag.write('/audio', stamp + 500_000_000, types[AUDIO_DATA_STAMPED](
+                header=make_header(stamp), audio=types['audio_common_msgs/msg/AudioData'](data=chunk)))
+        bag.write('/speech', start + 200_000_000, types[STRING](data='two people here'))
+        for i in range(frames):
+            stamp = start + i * 1_000_000_000 // PEOPLE_FPS
+            bag.write('/image_raw', stamp, types[IMAGE](
+                header=make_header(stamp, 'cam'), height=200, width=360, encoding='rgb8', is_bigendian=0,
+                step=360 * 3, data=image.reshape(-1)))
+            for stream, valence in PEOPLE_VALENCE.items():
+                bag.write('/affect/ground_truth', stamp, new_message(
+                    VALENCE_AROUSAL, header=make_header(stamp, 'cam'), stream_id=stream, valence=valence,
+                    arousal=0.1, confidence=1.0))
+    return path
+
+
+def _people_settings(monkeypatch, max_faces):
+    from affective_trm_ros.offline.extraction.settings import NodeSettings
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / 'fixtures' / 'encoder_node_plugins'))
+    return NodeSettings.from_parameters({
+        'video_encoder': {'plugin': 'tiny_video', 'face_pipeline': 'tracked', 'detector': 'haar',
+                          'max_faces': max_faces, 'min_face_size': 40},
+        'audio_encoder': {'plugin': 'tiny_audio'}, 'text_encoder': {'plugin': 'tiny_text'}, 'fusion': {}})
+
+
+def test_a_bag_with_two_people_gives_one_session_per_person(tmp_path, monkeypatch):
+    from affective_trm_ros.offline.extraction.bag import prepare_bag, prepare_bag_sessions
+    from affective_trm_ros.offline.extraction.pipeline import encoder_spec
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
+
+    bag = _write_two_people(tmp_path / 'people')
+    settings = _people_settings(monkeypatch, max_faces=2)
+    encoders = settings.load_encoders('cpu')
+    store = FeatureStore(tmp_path / 'store', encoder_spec=encoder_spec(encoders))
+    options = dict(audio=settings.audio, video_path=settings.video_path(encoders))
+    results = prepare_bag_sessions(bag, store, encoders, settings.alignment, **options)
+    assert [(r.session_id, r.stream_id, r.frames, r.labelled_frames) for r in results] == [
+        ('people_face_0', 'face_0', 12, 12), ('people_face_1', 'face_1', 12, 12)]
+    left, right = store.load('people_face_0'), store.load('people_face_1')
+    # each person's own ground truth
+    np.testing.assert_allclose(left.labels[:, 0], 0.5)
+    np.testing.assert_allclose(right.labels[:, 0], -0.5)
+    # each person's own face: the right one is darker (tiny_video: mean RGB of the crop)
+    video = store.modalities.index('video')
+    assert left.mask[:, video].all() and right.mask[:, video].all()
+    assert left.features['video'][:, :3].mean() > right.features['video'][:, :3].mean() + 0.05
+    # audio and text are shared context: the same features on both people's frames
+    np.testing.assert_array_equal(left.mask, right.mask)
+    np.testing.assert_array_equal(left.features['audio'], right.features['audio'])
+    np.testing.assert_array_equal(left.features['text'], right.features['text'])
+    assert left.mask[:, store.modalities.index('audio')].any()
+    assert left.mask[:, store.modalities.index('text')].any()
+    # a second run finds both sessions prepared
+    again = prepare_bag_sessions(bag, store, encoders, settings.alignment, **options)
+    assert [r.skipped for r in again] == [True, True]
+    with pytest.raises(ValueError, match='gave 2 sessions'):
+        prepare_bag(bag, store, encoders, settings.alignment, overwrite=True, **options)
+
+
+def test_one_person_mode_refuses_ground_truth_for_several_people(tmp_path, monkeypatch):
+    from affective_trm_ros.offline.extraction.bag import prepare_bag
+    from affective_trm_ros.offline.extraction.pipeline import encoder_spec
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
+
+    bag = _write_two_people(tmp_path / 'people', frames=3)
+    settings = _people_settings(monkeypatch, max_faces=1)
+    encoders = settings.load_encoders('cpu')
+    store = FeatureStore(tmp_path / 'store', encoder_spec=encoder_spec(encoders))
+    with pytest.raises(BagError, match=r'holds several people \(face_0, face_1\).*max_faces'):
+        prepare_bag(bag, store, encoders, settings.alignment, audio=settings.audio,
+                    video_path=settings.video_path(encoders))
