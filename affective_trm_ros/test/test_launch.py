@@ -25,9 +25,10 @@ from rclpy.executors import SingleThreadedExecutor
 from affective_msgs.msg import ModalityEmbedding, ValenceArousal
 from affective_trm_ros import system
 from affective_trm_ros.cli import main as cli_main
-from affective_trm_ros.commands.run import create_nodes, parse_assignments, plan
 from affective_trm_ros.core.alignment import AlignmentConfig
 from affective_trm_ros.nodes.common import RELIABLE_QOS
+from affective_trm_ros.nodes.in_process import NodeStartError, create_nodes
+from affective_trm_ros.system import parse_assignments, plan
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 LAUNCH_DIR = PACKAGE_DIR / 'launch'
@@ -84,6 +85,9 @@ def declared_in_source(spec: system.NodeSpec) -> set:
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
                 queue.append(node.module)
+            if (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                    and node.module.startswith('affective_trm_ros.nodes.')):
+                queue.append(node.module.rsplit('.', 1)[1])
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
@@ -178,14 +182,19 @@ def test_plan_selects_nodes_and_layers_parameters(tmp_path):
     chosen = plan(config_directory=CONFIG_DIR, modalities='video,audio', visualizer=True, checkpoint='m.pt',
                   device='cpu', use_sim_time=True, topics={'image_topic': '/cam/image', 'audio_topic': ''},
                   parameters={'fusion': {'max_wait_s': 2.0}})
-    by_name = {spec.name: overrides for spec, _, overrides in chosen}
+    by_name = {step.spec.name: step.overrides for step in chosen}
     assert list(by_name) == ['video_encoder', 'audio_encoder', 'fusion', 'visualizer']
-    assert by_name['video_encoder'] == {'use_sim_time': True, 'device': 'cpu', 'image_topic': '/cam/image',
-                                        'compressed_topic': '/cam/image/compressed'}
+    assert by_name['video_encoder'] == {'use_sim_time': True, 'device': 'cpu'}
     assert by_name['audio_encoder'] == {'use_sim_time': True, 'device': 'cpu'}
     assert by_name['fusion'] == {'use_sim_time': True, 'device': 'cpu', 'checkpoint': 'm.pt',
                                  'modalities': ['video', 'audio'], 'max_wait_s': 2.0}
-    assert by_name['visualizer'] == {'use_sim_time': True, 'image_topic': '/cam/image'}
+    assert by_name['visualizer'] == {'use_sim_time': True}
+    # Topics are renamed by remapping the nodes' fixed names; an empty argument keeps the default.
+    remaps = {step.spec.name: step.remappings for step in chosen}
+    camera = [('image_raw', '/cam/image'), ('image_raw/compressed', '/cam/image/compressed')]
+    assert remaps == {'video_encoder': camera, 'audio_encoder': [], 'fusion': [], 'visualizer': camera}
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device"):
+        plan(config_directory=CONFIG_DIR, device='gpu0')
     assert [s.name for s, _, _ in plan(config_directory=CONFIG_DIR, only='fusion,video')] == [
         'video_encoder', 'fusion']
     with pytest.raises(ValueError, match='must include video'):
@@ -220,8 +229,9 @@ def test_create_nodes_applies_files_overrides_and_namespace(checkpoint, tmp_path
     finally:
         for node in nodes:
             node.destroy_node()
-    with pytest.raises(ValueError, match="'checkpoint' is empty"):
+    with pytest.raises(NodeStartError, match="fusion: .*'checkpoint' is empty") as failure:
         create_nodes(custom, only='fusion', context=rclpy_context, config_directory=CONFIG_DIR)
+    assert failure.value.node == 'fusion' and isinstance(failure.value.__cause__, ValueError)
 
 
 def test_run_command_dry_run(capsys):
@@ -276,24 +286,157 @@ def test_run_command_serves_the_fusion_over_dds(checkpoint, rclpy_context):
     assert 'running /runtest/fusion' in ''.join(output)
 
 
-# ---------------------------------------------------------------- with launch installed
+# ---------------------------------------------------------------- parameters: one copy, validate then apply
 
-def test_launch_descriptions_build():
-    pytest.importorskip('launch_ros')
-    from launch import LaunchContext, LaunchDescription
-    from launch_ros.actions import Node
+def test_startup_failures_are_logged_under_the_node_name():
+    from affective_trm_ros.nodes.common import startup_logger_name
 
-    for path in sorted(LAUNCH_DIR.glob('*.launch.py')):
-        spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        description = module.generate_launch_description()
-        assert isinstance(description, LaunchDescription), path.name
-        assert description.get_launch_arguments(), path.name
+    assert startup_logger_name(['/x/lib/affective_trm_ros/fusion'], 'fusion') == 'fusion'
+    launched = ['/x/fusion', '--ros-args', '--log-level', 'info', '--ros-args', '-r', '__node:=fusion',
+                '-r', '__ns:=/robot1/affect', '--params-file', '/tmp/p.yaml']
+    assert startup_logger_name(launched, 'x') == 'robot1.affect.fusion'
+    assert startup_logger_name(['fusion', '--ros-args', '--remap', 'fusion:__node:=left'], 'fusion') == 'left'
+    assert startup_logger_name(['fusion', '-r', '__node:=not_a_ros_arg'], 'fusion') == 'fusion'
+
+
+def test_parameters_are_the_only_copy_validated_whole_and_applied_after(rclpy_context):
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+
+    from affective_trm_ros.nodes.common import ParameterView, add_validator, declare
+
+    node = Node('parameter_probe', context=rclpy_context)
+    try:
+        view = ParameterView(node)
+        view['low'] = declare(node, 'low', 1.0, 'lower bound')
+        declare(node, 'high', 2.0, 'upper bound')
+        applied = []
+
+        def validate(proposed):
+            return None if proposed['low'] < proposed['high'] else f"low {proposed['low']} >= high"
+
+        def apply(changed):  # runs after the update is stored: the view already shows it
+            applied.append((changed, view['low'], view['high']))
+
+        add_validator(node, validate, apply)
+        results = node.set_parameters_atomically([Parameter('low', value=5.0), Parameter('high', value=6.0)])
+        assert results.successful
+        assert applied == [({'low': 5.0, 'high': 6.0}, 5.0, 6.0)]
+        refused = node.set_parameters([Parameter('low', value=9.0)])[0]
+        assert not refused.successful and 'low 9.0 >= high' in refused.reason
+        assert view['low'] == 5.0 and len(applied) == 1          # nothing half-applied
+        assert dict(view)['high'] == 6.0 and 'use_sim_time' in view
+        with pytest.raises(TypeError, match='through set_parameters'):
+            view['low'] = 1.0
+        with pytest.raises(KeyError, match="'nope' is not a parameter"):
+            view['nope']
+    finally:
+        node.destroy_node()
+    # No node reaches into rclpy's private parameter table.
+    for path in NODES_DIR.glob('*.py'):
+        assert '._parameters' not in path.read_text(), path.name
+
+
+# ---------------------------------------------------------------- launch descriptions (static)
+
+def _load_launch_file(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem.replace('.', '_'), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.generate_launch_description()
+
+
+def _launch_context(**arguments):
+    from launch import LaunchContext
+
     context = LaunchContext()
     context.launch_configurations.update({name: default for name, (default, _) in
                                           {**system.COMMON_ARGUMENTS, **system.SYSTEM_ARGUMENTS}.items()})
-    context.launch_configurations.update(modalities='video,text', visualizer='true', checkpoint='m.pt')
-    nodes = system._system_nodes(context)
-    assert all(isinstance(n, Node) for n in nodes)
+    context.launch_configurations.update(arguments)
+    return context
+
+
+def test_launch_descriptions_build_statically():
+    """Every launch file builds; the system file starts the chosen nodes with remappings, and the
+    fusion node is required (an exit handler targets it)."""
+    pytest.importorskip('launch_ros', reason='launch_ros is not installed (no ROS 2 distro here)')
+    from launch import LaunchDescription
+    from launch.actions import RegisterEventHandler
+    from launch.events.process import ProcessExited
+    from launch_ros.actions import Node
+
+    for path in sorted(LAUNCH_DIR.glob('*.launch.py')):
+        description = _load_launch_file(path)
+        assert isinstance(description, LaunchDescription), path.name
+        assert description.get_launch_arguments(), path.name
+    context = _launch_context(modalities='video,text', visualizer='true', checkpoint='m.pt',
+                              image_topic='/cam/image', log_level='DEBUG')
+    actions = system._system_nodes(context)
+    nodes = [a for a in actions if isinstance(a, Node)]
     assert [n.node_executable for n in nodes] == ['video_encoder', 'text_encoder', 'fusion', 'visualizer']
+    handlers = [a for a in actions if isinstance(a, RegisterEventHandler)]
+    assert len(handlers) == 1
+    handler = handlers[0].event_handler
+
+    def exited(node):
+        return ProcessExited(action=node, name=node.node_executable, cmd=[], cwd=None, env=None, pid=1,
+                             returncode=1)
+    assert handler.matches(exited(nodes[2])) and not handler.matches(exited(nodes[0]))   # the fusion only
+    with pytest.raises(RuntimeError, match='the fusion node exited with code 1'):
+        handler.handle(exited(nodes[2]), context)
+    context._set_is_shutdown(True)   # stopping on request: its exit is no error  # noqa: SLF001
+    assert handler.handle(exited(nodes[2]), context) is None
+    video = nodes[0]
+    assert [(a[0][0].text, a[1][0].text) for a in video._Node__remappings] == [
+        ('image_raw', '/cam/image'), ('image_raw/compressed', '/cam/image/compressed')]
+    with pytest.raises(ValueError, match="log_level 'loud' is not a ROS log level: expected one of debug"):
+        system._system_nodes(_launch_context(log_level='loud'))
+    with pytest.raises(ValueError, match="device 'bogus' is not a device"):
+        system._system_nodes(_launch_context(device='bogus'))
+
+
+# ---------------------------------------------------------------- `ros2 launch` for real
+
+def _ros2_launch_available():
+    try:
+        import launch_ros  # noqa: F401
+        import ros2launch  # noqa: F401
+        from ament_index_python.packages import get_package_prefix
+        get_package_prefix('affective_trm_ros')
+    except Exception as error:  # ImportError, PackageNotFoundError
+        pytest.skip(f'ros2 launch is not available here ({type(error).__name__}: {error}); it needs launch, '
+                    'launch_ros, ros2launch and ros2cli (a ROS 2 distro) and the package in the ament index')
+
+
+def ros2_launch(*arguments, timeout=120.0):
+    """Run `ros2 launch affective_trm_ros ...` to its end; (exit code, output)."""
+    command = [sys.executable, '-c', 'import sys; from ros2cli.cli import main; sys.exit(main())',
+               'launch', 'affective_trm_ros', *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_ros2_launch_refuses_a_bad_log_level_and_device():
+    _ros2_launch_available()
+    code, output = ros2_launch('affective_trm.launch.py', 'log_level:=loud')
+    levels = 'debug, info, warn, error, fatal'
+    assert code != 0, output
+    assert f"log_level 'loud' is not a ROS log level: expected one of {levels}" in output, output
+    assert 'Traceback' not in output
+    code, output = ros2_launch('fusion.launch.py', 'device:=bogus')
+    assert code != 0 and "device 'bogus' is not a device" in output, output
+
+
+def test_ros2_launch_ends_with_an_error_when_the_fusion_node_exits(tmp_path):
+    """A fusion node that cannot start (no checkpoint) ends the launch non-zero, with the reason
+    logged under the node's own name; the encoders do not keep running alone."""
+    _ros2_launch_available()
+    missing = tmp_path / 'missing.pt'
+    started = time.monotonic()
+    code, output = ros2_launch('affective_trm.launch.py', f'checkpoint:={missing}', 'modalities:=video',
+                               'device:=cpu', timeout=300)
+    assert code != 0, output
+    assert '[fusion]: failed to start:' in output and 'checkpoint not found' in output, output
+    assert 'the fusion node exited with code 1' in output, output
+    assert time.monotonic() - started < 300

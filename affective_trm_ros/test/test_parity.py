@@ -73,7 +73,7 @@ def offline(bag, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def replays(bag, checkpoint, tmp_path_factory):
-    from affective_trm_ros.commands.replay import ReplayOptions, replay_bag
+    from affective_trm_ros.replay.session import ReplayOptions, replay_bag
 
     outcomes = []
     for run in range(2):

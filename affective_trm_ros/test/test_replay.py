@@ -26,9 +26,11 @@ from affective_trm_ros.replay.report import (
     build_replay_report,
     frame_table,
     percentiles_ms,
+    report_notices,
     untrained_line,
     write_replay_report,
 )
+from affective_trm_ros.replay.session import ReplayOptions, bag_inputs, plan_replay
 
 T0 = 1_735_689_600 * 10 ** 9
 FRAME_NS = 33_333_333
@@ -44,6 +46,11 @@ def _outputs(frames, skip=()):
     rows.append((frames[0], 'default', 0.99, 0.99, 1.0, 7, 99.0))   # duplicate: the first one counts
     rows.append((frames[1], 'other', 0.5, 0.5, 1.0, 1, 10.0))       # another stream: ignored
     return rows
+
+
+def no_box(store):
+    return store.types['sensor_msgs/msg/RegionOfInterest'](x_offset=0, y_offset=0, height=0, width=0,
+                                                           do_rectify=False)
 
 
 def test_header_stamp_of_serialized_messages():
@@ -99,7 +106,8 @@ def test_report_files(tmp_path):
     truth = np.stack([np.sin(np.arange(30) / 5), np.cos(np.arange(30) / 5)], axis=1)
     table = frame_table(frames, _outputs(frames), publish, publish, truth)
     report = build_replay_report(table, wall_s=3.0, mode='realtime x1', encoders={'video': 'x@untrained'},
-                                 extra={'memory_mb': [(0, 100.0), (30, 101.0)], 'session': 's'})
+                                 extra={'memory_mb': [(0, 100.0), (30, 101.0)], 'session': 's',
+                                        'frame_id': 'camera_optical'})
     files = write_replay_report(tmp_path, table, report, title='Replay test', session='s')
     markdown = files['markdown'].read_text().splitlines()
     assert markdown[0].startswith('UNTRAINED encoders') and 'video (x)' in markdown[0]
@@ -114,6 +122,7 @@ def test_report_files(tmp_path):
         assert bag.topics['/affect/ground_truth'].count == 30
         first = next(decoded for _, decoded in bag.messages(['/affect/valence_arousal']))
         assert first.modalities == 3 and first.header.stamp.sec == T0 // 10 ** 9
+        assert first.header.frame_id == 'camera_optical'          # the camera's frame, kept
     for plot in ('va_plane.png', 'timeseries_s.png'):
         assert (tmp_path / plot).stat().st_size > 1000
 
@@ -125,8 +134,8 @@ def test_labels_from_topic_and_csv(tmp_path):
         bag.add_topic('/affect/ground_truth', VALENCE_AROUSAL)
         for i, stamp in enumerate(frames[:4]):  # the last frame has no label
             bag.write('/affect/ground_truth', stamp + 2_000_000, store.types[VALENCE_AROUSAL](
-                header=make_header(stamp + 2_000_000), stream_id='default', valence=0.1 * i, arousal=-0.1 * i,
-                confidence=1.0, modalities=0))
+                header=make_header(stamp + 2_000_000), stream_id='default', roi=no_box(store),
+                valence=0.1 * i, arousal=-0.1 * i, confidence=1.0, modalities=0))
     labels = labels_from_topic(tmp_path / 'bag', 'affect/ground_truth', frames)
     np.testing.assert_allclose(labels[:4, 0], [0.0, 0.1, 0.2, 0.3], atol=1e-6)
     assert np.isnan(labels[4]).all()
@@ -168,8 +177,6 @@ def test_label_matching_tolerance():
 
 
 def test_bag_inputs_pick_topics_and_refuse_wrong_types(tmp_path):
-    from affective_trm_ros.commands.replay import bag_inputs
-
     store = affective_typestore()
     with BagWriter(tmp_path / 'bag') as bag:
         bag.add_topic('/camera/image_raw', IMAGE)
@@ -185,3 +192,40 @@ def test_bag_inputs_pick_topics_and_refuse_wrong_types(tmp_path):
         with pytest.raises(BagError, match="'/speech' has type affective_msgs/msg/ValenceArousal"):
             bag_inputs(bag, BagTopics(image='camera/image_raw'), ['video', 'text'])
     assert STRING == 'std_msgs/msg/String'
+
+
+def test_reports_say_when_a_replay_is_empty_or_has_no_ground_truth(tmp_path):
+    empty = frame_table([], [], {}, {}, None)
+    report = build_replay_report(empty, wall_s=0.5, mode='as fast as possible', encoders={},
+                                 extra={'labels_looked_for': 'affect/ground_truth'})
+    assert report['frames'] == 0 and report['frames_with_estimate'] == 0
+    notices = report_notices(report)
+    assert notices == ['EMPTY REPLAY: the bag has no video frames, so nothing was estimated or evaluated.']
+    files = write_replay_report(tmp_path / 'empty', empty, report, title='Empty', session='e')
+    text = files['markdown'].read_text()
+    assert text.startswith('EMPTY REPLAY') and 'pretrained weights' not in text
+    assert untrained_line({}).startswith('No encoder answered')
+
+    frames = [T0 + i * FRAME_NS for i in range(10)]
+    publish = {s: 0.05 * i for i, s in enumerate(frames)}
+    unlabelled = frame_table(frames, _outputs(frames), publish, publish, None)
+    report = build_replay_report(unlabelled, wall_s=1.0, mode='as fast as possible',
+                                 encoders={'video': 'x@untrained'},
+                                 extra={'labels_looked_for': 'affect/ground_truth'})
+    notices = report_notices(report)
+    assert notices[0].startswith('UNTRAINED encoders')
+    assert notices[1].startswith('NO GROUND TRUTH: no labels for these frames in affect/ground_truth')
+    files = write_replay_report(tmp_path / 'unlabelled', unlabelled, report, title='No truth', session='u')
+    assert 'NO GROUND TRUTH' in files['markdown'].read_text().split('# No truth')[0]
+
+
+def test_replay_refuses_at_start_what_it_cannot_evaluate(tmp_path):
+    bag = tmp_path / 'bag'
+    with pytest.raises(FileNotFoundError, match=r'checkpoint not found: .*missing.pt; train one with '
+                                                r'`affective-trm demo`'):
+        plan_replay(bag, tmp_path / 'missing.pt', ReplayOptions())
+    checkpoint = tmp_path / 'present.pt'
+    checkpoint.write_bytes(b'')   # refused before it is read
+    options = ReplayOptions(parameters={'fusion': {'sync_policy': 'approximate'}})
+    with pytest.raises(ValueError, match="sync_policy 'approximate' publishes only the frames it pairs"):
+        plan_replay(bag, checkpoint, options)

@@ -7,11 +7,20 @@ import cv2
 import numpy as np
 import pytest
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CompressedImage, Image
 
 from affective_msgs.msg import ValenceArousal
+from affective_trm_ros.core.face_overlay import (
+    LABEL_BACKGROUND_RGB,
+    NEGATIVE_RGB,
+    POSITIVE_RGB,
+    STALE_BOX_RGB,
+    FaceBox,
+    draw_face_boxes,
+    valence_colour,
+)
 from affective_trm_ros.core.va_overlay import (
     POINT_RGB,
     Estimate,
@@ -107,7 +116,8 @@ class VisualizerHarness:
         self.compressed = self.client.create_publisher(CompressedImage, 'image_raw/compressed', SENSOR_QOS)
         self.outputs = []
         self.client.create_subscription(Image, 'affect/visualization', self.outputs.append, IMAGE_OUT_QOS)
-        self.executor = MultiThreadedExecutor(context=self.context)
+        # Single-threaded: once it is shut down and its thread joined, no callback is in flight.
+        self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.client)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -148,6 +158,16 @@ def estimate_msg(valence, arousal, stream='default', sec=10):
     return msg
 
 
+def publish_until_output(h, publish, what='an annotated image', timeout=20.0):
+    """Sensor QoS is best effort: publish until one image comes back, within a deadline."""
+    deadline = time.monotonic() + timeout
+    while not h.outputs:
+        assert time.monotonic() < deadline, f'timed out waiting for {what}'
+        publish()
+        time.sleep(0.05)
+    return np.frombuffer(bytes(h.outputs[0].data), np.uint8).reshape(H, W, 3)
+
+
 def test_node_draws_the_newest_estimate_on_the_camera_image(visualizer):
     h = visualizer()
     h.estimates.publish(estimate_msg(0.5, 0.5))
@@ -157,15 +177,47 @@ def test_node_draws_the_newest_estimate_on_the_camera_image(visualizer):
                   data=rgb[:, :, ::-1].tobytes())
     image.header.stamp.sec, image.header.stamp.nanosec = 10, 500
     image.header.frame_id = 'camera'
-    while not h.outputs:   # sensor QoS is best effort: publish until one gets through
-        h.images.publish(image)
-        time.sleep(0.05)
+    pixels = publish_until_output(h, lambda: h.images.publish(image))
     out = h.outputs[0]
     assert (out.height, out.width, out.encoding, out.step) == (H, W, 'rgb8', W * 3)
     assert (out.header.stamp.sec, out.header.stamp.nanosec, out.header.frame_id) == (10, 500, 'camera')
-    pixels = np.frombuffer(bytes(out.data), np.uint8).reshape(H, W, 3)
-    expected = draw_va_overlay(rgb, Estimate(0.5, 0.5, 1.0, 3), [(0.5, 0.5)], label='default')
-    np.testing.assert_array_equal(pixels, expected)
+    layout = panel_layout((H, W))
+    x, y = va_to_pixel(0.5, 0.5, layout.center, layout.radius)
+    assert tuple(pixels[y, x]) == POINT_RGB                          # the point, where (0.5, 0.5) goes
+    assert layout.x0 > 0
+    np.testing.assert_array_equal(pixels[:, :layout.x0 - 1], rgb[:, :layout.x0 - 1])   # left of the panel:
+    # the camera image, its colours (BGR in) turned to RGB (out)
+
+
+def test_node_draws_each_face_box_with_its_estimate(visualizer):
+    h = visualizer()
+    left, right = estimate_msg(0.9, 0.1, stream='face_0'), estimate_msg(-0.9, 0.1, stream='face_1')
+    left.roi.x_offset, left.roi.y_offset, left.roi.width, left.roi.height = 20, 100, 60, 80
+    right.roi.x_offset, right.roi.y_offset, right.roi.width, right.roi.height = 100, 120, 50, 60
+    h.estimates.publish(left)
+    h.estimates.publish(right)
+    h.wait(lambda: len(h.node._boxes) == 2, 'both faces')
+    image = Image(height=H, width=W, encoding='rgb8', step=W * 3, is_bigendian=0, data=background().tobytes())
+    image.header.stamp.sec = 10
+    pixels = publish_until_output(h, lambda: h.images.publish(image))
+    # The left edge of each box, half-way down, in the colour of its valence.
+    assert tuple(pixels[140, 20]) == valence_colour(0.9)
+    assert tuple(pixels[150, 100]) == valence_colour(-0.9)
+    assert tuple(pixels[100 - 3, 22]) == LABEL_BACKGROUND_RGB            # the label strip above the box
+    assert tuple(pixels[140, 50]) == tuple(background()[140, 50])         # inside a box: the face itself
+
+
+def test_face_boxes_pure_drawing():
+    image = background()
+    out = draw_face_boxes(image, [FaceBox(10, 40, 50, 60, 'a', 1.0, 0.0),
+                                  FaceBox(100, 40, 50, 60, 'b', -1.0, 0.0, stale=True),
+                                  FaceBox(400, 40, 50, 60, 'off the image', 0.0, 0.0)])
+    assert tuple(out[70, 10]) == POSITIVE_RGB and tuple(out[70, 100]) == STALE_BOX_RGB
+    assert valence_colour(-1.0) == NEGATIVE_RGB and valence_colour(float('nan')) == valence_colour(0.0)
+    np.testing.assert_array_equal(out[:, 280:], image[:, 280:])            # the face off the image: nothing
+    np.testing.assert_array_equal(image, background())                      # the input is not modified
+    with pytest.raises(ValueError, match='uint8 RGB'):
+        draw_face_boxes(np.zeros((4, 4), np.uint8), [])
 
 
 def test_node_takes_compressed_input_and_skips_bad_images(visualizer):
@@ -178,11 +230,11 @@ def test_node_takes_compressed_input_and_skips_bad_images(visualizer):
     good = CompressedImage(format='png', data=png.tobytes())
     good.header.stamp.sec = 10
     bad = CompressedImage(format='jpeg', data=b'not an image')
-    while not h.outputs:
+
+    def publish():
         h.compressed.publish(bad)
         h.compressed.publish(good)
-        time.sleep(0.05)
-    pixels = np.frombuffer(bytes(h.outputs[0].data), np.uint8).reshape(H, W, 3)
+    pixels = publish_until_output(h, publish)
     layout = panel_layout((H, W))
     x, y = va_to_pixel(0.7, -0.7, layout.center, layout.radius)   # bob's estimate, not alice's
     assert tuple(pixels[y, x]) == POINT_RGB

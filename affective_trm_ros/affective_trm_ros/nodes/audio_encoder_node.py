@@ -22,6 +22,7 @@ from affective_trm_ros.core import audio as audio_core
 from affective_trm_ros.core.modalities import AUDIO
 from affective_trm_ros.nodes.common import LATCHED_QOS, SENSOR_QOS, add_validator, declare, run_node
 from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
+from affective_trm_ros.topics import AUDIO_INFO, AUDIO_STREAM
 
 INPUT_TYPES = ('stamped', 'unstamped')
 # Windows waiting for the encoder before the oldest is dropped: 10 s of audio at the default hop.
@@ -74,10 +75,6 @@ class AudioEncoderNode(EncoderNode):
     def __init__(self, **node_kwargs) -> None:
         super().__init__('audio_encoder', AUDIO, **node_kwargs)
         p = self.params
-        p['audio_topic'] = declare(self, 'audio_topic', 'audio', 'Audio input topic.', read_only=True)
-        p['audio_info_topic'] = declare(self, 'audio_info_topic', 'audio_info',
-                                        'audio_common_msgs/AudioInfo topic (transient local); empty = only '
-                                        'the parameters below describe the stream.', read_only=True)
         p['input_type'] = declare(self, 'input_type', 'stamped',
                                   "'stamped': AudioDataStamped (header stamp = capture time of the first "
                                   "sample); 'unstamped': AudioData (stamps from first arrival + sample "
@@ -118,7 +115,7 @@ class AudioEncoderNode(EncoderNode):
         if error:
             raise ValueError(f'invalid parameters: {error}')
         AudioData, AudioDataStamped, AudioInfo = audio_messages()
-        add_validator(self, validate_parameters, self.apply_common)
+        add_validator(self, validate_parameters)
         # The built-in Dasheng encoder has its own RMS silence check; give it the same level.
         self.load_plugin({'silence_threshold': 10.0 ** (p['silence_threshold_dbfs'] / 20.0)})
         sample_rate_out = int(getattr(self.encoder, 'sample_rate', None)
@@ -132,17 +129,16 @@ class AudioEncoderNode(EncoderNode):
         # One mutually exclusive group: AudioInfo and audio are handled in arrival order.
         group = MutuallyExclusiveCallbackGroup()
         overrides = QoSOverridingOptions.with_default_policies()
-        if p['audio_info_topic']:
-            self.create_subscription(AudioInfo, p['audio_info_topic'], self._on_info, LATCHED_QOS,
-                                     callback_group=group, qos_overriding_options=overrides)
+        info = self.create_subscription(AudioInfo, AUDIO_INFO, self._on_info, LATCHED_QOS,
+                                        callback_group=group, qos_overriding_options=overrides)
         msg_type = AudioDataStamped if p['input_type'] == 'stamped' else AudioData
-        self.create_subscription(msg_type, p['audio_topic'], self._on_audio, SENSOR_QOS,
-                                 callback_group=group, qos_overriding_options=overrides)
+        audio = self.create_subscription(msg_type, AUDIO_STREAM, self._on_audio, SENSOR_QOS,
+                                         callback_group=group, qos_overriding_options=overrides)
         self.get_logger().info(
-            f"{p['input_type']} audio on '{p['audio_topic']}' -> {p['window_s']} s windows every "
+            f"{p['input_type']} audio on '{audio.topic_name}' -> {p['window_s']} s windows every "
             f"{p['hop_s']} s at {sample_rate_out} Hz; stream format from parameters "
             f'({self._format.sample_rate} Hz, {self._format.channels} ch, {self._format.sample_format}) '
-            f"until an AudioInfo arrives on '{p['audio_info_topic']}'")
+            f"until an AudioInfo arrives on '{info.topic_name}'")
 
     def _on_info(self, info) -> None:
         fmt = audio_core.AudioFormat.from_info(info)

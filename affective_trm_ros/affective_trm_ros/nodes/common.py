@@ -1,13 +1,16 @@
 """Shared rclpy glue: the one main() shape, declared parameters, QoS profiles and diagnostics.
 
-Everything here is thin; algorithms live in ``affective_trm_ros.core``.
+Everything here is thin; algorithms live in ``affective_trm_ros.core`` (the rate, latency and
+bounded-worker helpers in :mod:`affective_trm_ros.core.runtime_stats`, re-exported here).
 """
 
 from __future__ import annotations
 
 import collections
+import collections.abc
 import math
-import threading
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
@@ -18,6 +21,12 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+from affective_trm_ros.core.runtime_stats import BoundedWorker, LatencyWindow, RateMeter
+
+__all__ = ['LATCHED_QOS', 'RELIABLE_QOS', 'SENSOR_QOS', 'BoundedWorker', 'Diagnostics', 'LatencyWindow',
+           'ParameterView', 'RateMeter', 'ThrottledWarning', 'add_validator', 'declare', 'run_node',
+           'spin_nodes', 'startup_logger_name']
 
 # ---------------------------------------------------------------- QoS
 
@@ -59,68 +68,64 @@ def declare(node: Node, name: str, default, description: str, *, min_value=None,
 
 def add_validator(node: Node, validate: Callable[[dict], Optional[str]],
                   apply: Optional[Callable[[dict], None]] = None) -> None:
-    """Validate runtime parameter updates with a pure function; never half-apply an invalid update.
+    """Validate parameter updates with a pure function, apply the accepted ones afterwards.
 
-    ``validate(proposed)`` gets {name: value} of the whole update merged over the current values
-    and returns an error string or None. ``apply(changed)`` runs only for accepted updates.
+    The node's ROS parameters stay the only copy of the values. ``validate(proposed)`` gets
+    {name: value} of the whole update merged over the current values and returns an error string
+    or None; an invalid update is refused whole. ``apply(changed)`` runs after rclpy has stored an
+    accepted update (a post-set callback where rclpy has them, Jazzy and later; on Humble, right
+    after validation, the only hook it offers).
     """
     def on_set(params) -> SetParametersResult:
         changed = {p.name: p.value for p in params}
-        proposed = {name: node.get_parameter(name).value for name in node._parameters}  # noqa: SLF001
+        proposed = {name: p.value for name, p in node.get_parameters_by_prefix('').items()}
         proposed.update(changed)
         error = validate(proposed)
         if error:
             return SetParametersResult(successful=False, reason=error)
-        if apply is not None:
+        if apply is not None and not post_set:
             apply(changed)
         return SetParametersResult(successful=True)
 
+    post_set = apply is not None and hasattr(node, 'add_post_set_parameters_callback')
     node.add_on_set_parameters_callback(on_set)
+    if post_set:
+        node.add_post_set_parameters_callback(lambda params: apply({p.name: p.value for p in params}))
+
+
+class ParameterView(collections.abc.MutableMapping):
+    """The node's declared ROS parameters as a read-through mapping: ``view['rate']`` is
+    ``node.get_parameter('rate').value``, so the parameters stay the only copy of the values.
+
+    Assignment exists for the ``p['x'] = declare(node, 'x', ...)`` idiom and for post-set
+    callbacks: it is accepted only when it names a declared parameter and equals its value, and
+    refused otherwise (a value kept beside the parameter would drift from it).
+    """
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def __getitem__(self, name: str):
+        if not self._node.has_parameter(name):
+            raise KeyError(f"'{name}' is not a parameter of {self._node.get_name()}")
+        return self._node.get_parameter(name).value
+
+    def __setitem__(self, name: str, value) -> None:
+        if self[name] != value:
+            raise TypeError(f"parameters change through set_parameters, not by assignment: '{name}' is "
+                            f'{self[name]!r}, not {value!r}')
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError('parameters cannot be deleted through the view')
+
+    def __iter__(self):
+        return iter(self._node.get_parameters_by_prefix(''))
+
+    def __len__(self) -> int:
+        return len(self._node.get_parameters_by_prefix(''))
 
 
 # ---------------------------------------------------------------- diagnostics
-
-class RateMeter:
-    """Events per second over a sliding window of recent event times (thread-safe, bounded)."""
-
-    def __init__(self, window_s: float = 5.0, max_events: int = 2000) -> None:
-        self._times = collections.deque(maxlen=max_events)
-        self._window_s = window_s
-        self._lock = threading.Lock()
-
-    def tick(self, now: Optional[float] = None) -> None:
-        with self._lock:
-            self._times.append(time.monotonic() if now is None else now)
-
-    def rate(self, now: Optional[float] = None) -> float:
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            recent = [t for t in self._times if now - t <= self._window_s]
-        if len(recent) < 2:
-            return 0.0
-        span = max(now - recent[0], 1e-9)
-        return (len(recent) - 1) / span if span > 0 else 0.0
-
-
-class LatencyWindow:
-    """Percentiles of the last N durations (seconds)."""
-
-    def __init__(self, size: int = 500) -> None:
-        self._values = collections.deque(maxlen=size)
-        self._lock = threading.Lock()
-
-    def add(self, seconds: float) -> None:
-        with self._lock:
-            self._values.append(seconds)
-
-    def percentile(self, q: float) -> float:
-        with self._lock:
-            values = sorted(self._values)
-        if not values:
-            return float('nan')
-        index = min(len(values) - 1, max(0, int(round(q / 100.0 * (len(values) - 1)))))
-        return values[index]
-
 
 class Diagnostics:
     """Publishes one DiagnosticStatus for a node on /diagnostics at a fixed period.
@@ -189,10 +194,31 @@ def spin_nodes(nodes: Iterable[Node], num_threads: Optional[int] = None) -> None
             rclpy.try_shutdown()
 
 
-def run_node(node_factory: Callable[[], Node], args=None) -> int:
+def startup_logger_name(argv: Sequence[str], default: str) -> str:
+    """The logger name of the node that ``argv`` starts: ``[namespace.]name``, honouring the
+    ``-r __node:=NAME`` and ``-r __ns:=/NS`` rules ``ros2 launch`` and ``ros2 run`` pass."""
+    name, namespace, in_ros_args = default, '', False
+    for index, arg in enumerate(argv):
+        if arg == '--ros-args':
+            in_ros_args = True
+        elif arg == '--':
+            in_ros_args = False
+        elif in_ros_args and arg in ('-r', '--remap') and index + 1 < len(argv):
+            target, _, value = argv[index + 1].partition(':=')
+            key = target.rsplit(':', 1)[-1]   # 'fusion:__node' is a rule for one node
+            if key == '__node' and value:
+                name = value
+            elif key == '__ns':
+                namespace = value
+    return '.'.join([part for part in namespace.split('/') if part] + [name])
+
+
+def run_node(node_factory: Callable[[], Node], args=None, name: Optional[str] = None) -> int:
     """The one main() shape: init, build the node, spin a multi-threaded executor, shut down.
 
-    A node that fails to start (bad parameter, missing weights) logs why and exits with 1.
+    A node that fails to start (bad parameter, missing weights) logs why under the node's own
+    name (``name``, default the executable's name, as the suite names its nodes, or the name a
+    ``__node:=`` remapping gives) and exits with 1.
     """
     rclpy.init(args=args)
     try:
@@ -201,7 +227,9 @@ def run_node(node_factory: Callable[[], Node], args=None) -> int:
         rclpy.try_shutdown()
         return 0
     except Exception as error:  # start-up failure: say why, exit non-zero
-        rclpy.logging.get_logger('affective_trm_ros').fatal(f'failed to start: {error}')
+        argv = list(sys.argv if args is None else args)
+        default = name or (os.path.basename(argv[0]) if argv else 'affective_trm_ros')
+        rclpy.logging.get_logger(startup_logger_name(argv, default)).fatal(f'failed to start: {error}')
         rclpy.try_shutdown()
         return 1
     spin_nodes([node])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import collections
-import inspect
 import json
 import threading
 import time
@@ -22,89 +21,17 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.node import Node
 
 from affective_msgs.msg import ModalityEmbedding
-
-from affective_trm_ros.core.encoders.base import load_encoder
+from affective_trm_ros.core.encoders.loading import plugin_options as plugin_kwargs  # noqa: F401 (re-exported)
 from affective_trm_ros.core.modalities import DEFAULT_ENCODERS
-from affective_trm_ros.nodes.common import RELIABLE_QOS, Diagnostics, LatencyWindow, RateMeter, ThrottledWarning, declare
-
-# How long destroy_node waits for an inference in progress before giving up on the worker thread.
-WORKER_JOIN_TIMEOUT_S = 10.0
-
-
-class BoundedWorker:
-    """Runs ``process(item)`` on a daemon thread, oldest item first.
-
-    The queue holds at most ``capacity`` items; submitting to a full queue drops the OLDEST one and
-    counts it (capacity 1 = always process the newest input). ``min_interval_s()`` spaces the
-    starts of consecutive items (a rate limit; 0 = none); while it waits, newer items may still
-    replace older ones.
-    """
-
-    def __init__(self, process: Callable[[Any], None], capacity: int, name: str,
-                 on_error: Callable[[Exception], None],
-                 min_interval_s: Callable[[], float] = lambda: 0.0) -> None:
-        if capacity < 1:
-            raise ValueError(f'worker capacity must be >= 1, got {capacity}')
-        self._process = process
-        self._on_error = on_error
-        self._min_interval_s = min_interval_s
-        self._queue: collections.deque = collections.deque()
-        self._capacity = capacity
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._last_start = -float('inf')
-        self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, item: Any) -> bool:
-        """Queue ``item``; True when an older item was dropped to make room."""
-        with self._cond:
-            dropped = len(self._queue) >= self._capacity
-            if dropped:
-                self._queue.popleft()
-                self.dropped += 1
-            self._queue.append(item)
-            self._cond.notify()
-        return dropped
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue)
-
-    def stop(self, timeout_s: float = WORKER_JOIN_TIMEOUT_S) -> None:
-        with self._cond:
-            self._stopping = True
-            self._queue.clear()
-            self._cond.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                delay = self._last_start + self._min_interval_s() - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)   # a rate-limit pause; stop() wakes it
-                    continue
-                item = self._queue.popleft()
-                self._last_start = time.monotonic()
-            try:
-                self._process(item)
-            except Exception as error:  # one bad item must not kill the worker
-                self._on_error(error)
+from affective_trm_ros.core.runtime_stats import BoundedWorker, LatencyWindow, RateMeter
+from affective_trm_ros.nodes.common import RELIABLE_QOS, Diagnostics, ParameterView, ThrottledWarning, declare
+from affective_trm_ros.topics import EMBEDDINGS
 
 
 def validate_common(params: dict) -> Optional[str]:
     """Checks shared by all encoder nodes; returns an error message or None."""
     if not str(params.get('plugin', '')).strip():
         return 'plugin must name an encoder plugin'
-    if not str(params.get('output_topic', '')).strip():
-        return 'output_topic must not be empty'
     if not str(params.get('stream_id', '')).strip():
         return "stream_id must not be empty (use 'default' for a single person)"
     try:
@@ -114,21 +41,6 @@ def validate_common(params: dict) -> Optional[str]:
     if not isinstance(options, dict):
         return 'encoder_options must be a JSON object, e.g. {"detector": "haar"}'
     return None
-
-
-def plugin_kwargs(plugin_cls: type, defaults: dict, explicit: dict) -> tuple:
-    """Constructor options for a plugin: the node's ``defaults`` the class accepts, plus ``explicit``.
-
-    Node-level settings (detector, face margin, silence level) are offered to every plugin of the
-    modality; a third-party plugin that does not take one simply does not get it. Options the user
-    wrote in ``encoder_options`` are always passed, so a typo fails loudly in the plugin.
-    Returns ``(kwargs, skipped_names)``.
-    """
-    parameters = inspect.signature(plugin_cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    accepted = {k: v for k, v in defaults.items() if takes_any or k in parameters}
-    skipped = sorted(set(defaults) - set(accepted))
-    return {**accepted, **explicit}, skipped
 
 
 def to_float32_array(vector: np.ndarray) -> array.array:
@@ -142,33 +54,30 @@ class EncoderNode(Node):
     def __init__(self, node_name: str, modality: str, **node_kwargs: Any) -> None:
         super().__init__(node_name, **node_kwargs)
         self.modality = modality
-        self.params = {
-            'plugin': declare(self, 'plugin', DEFAULT_ENCODERS[modality],
-                              f'Encoder plugin id (entry point in group affective_trm_ros.encoders) '
-                              f'for the {modality} modality.', read_only=True),
-            'device': declare(self, 'device', 'auto',
-                              "Inference device: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' "
-                              "or 'cuda:N'.", read_only=True),
-            'weights': declare(self, 'weights', '',
-                               'Explicit weight file or directory; empty = the weights cache '
-                               '($AFFECTIVE_TRM_WEIGHTS or ~/.cache/affective_trm/weights).', read_only=True),
-            'allow_untrained': declare(self, 'allow_untrained', False,
-                                       'Run with random weights when none are found (smoke tests, demos); '
-                                       "embeddings then carry '<plugin>@untrained'.", read_only=True),
-            'encoder_options': declare(self, 'encoder_options', '{}',
-                                       'Extra plugin constructor options as a JSON object.', read_only=True),
-            'output_topic': declare(self, 'output_topic', f'affect/embedding/{modality}',
-                                    'Topic of the published affective_msgs/ModalityEmbedding.',
-                                    read_only=True),
-            'stream_id': declare(self, 'stream_id', 'default',
-                                 'Person/stream the embeddings describe (ModalityEmbedding.stream_id).'),
-            'frame_id': declare(self, 'frame_id', '',
-                                'header.frame_id of the embeddings; empty = copy it from the input '
-                                'message (inputs without a header then give an empty frame_id).'),
-            'diagnostics_period_s': declare(self, 'diagnostics_period_s', 1.0,
-                                            'Period of the /diagnostics status (s).',
-                                            min_value=0.1, max_value=60.0, read_only=True),
-        }
+        # The declared ROS parameters, read through (they are the only copy of the values).
+        self.params = ParameterView(self)
+        declare(self, 'plugin', DEFAULT_ENCODERS[modality],
+                f'Encoder plugin id (entry point in group affective_trm_ros.encoders) '
+                f'for the {modality} modality.', read_only=True)
+        declare(self, 'device', 'auto',
+                "Inference device: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda' "
+                "or 'cuda:N'.", read_only=True)
+        declare(self, 'weights', '',
+                'Explicit weight file or directory; empty = the weights cache '
+                '($AFFECTIVE_TRM_WEIGHTS or ~/.cache/affective_trm/weights).', read_only=True)
+        declare(self, 'allow_untrained', False,
+                'Run with random weights when none are found (smoke tests, demos); '
+                "embeddings then carry '<plugin>@untrained'.", read_only=True)
+        declare(self, 'encoder_options', '{}',
+                'Extra plugin constructor options as a JSON object.', read_only=True)
+        declare(self, 'stream_id', 'default',
+                'Person/stream the embeddings describe (ModalityEmbedding.stream_id).')
+        declare(self, 'frame_id', '',
+                'header.frame_id of the embeddings; empty = copy it from the input '
+                'message (inputs without a header then give an empty frame_id).')
+        declare(self, 'diagnostics_period_s', 1.0,
+                'Period of the /diagnostics status (s).',
+                min_value=0.1, max_value=60.0, read_only=True)
         self.encoder = None
         self.worker: Optional[BoundedWorker] = None
         self.warn = ThrottledWarning(self)           # bad inputs, keyed by reason
@@ -183,22 +92,16 @@ class EncoderNode(Node):
 
     # ------------------------------------------------------------ set-up
 
-    def load_plugin(self, defaults: dict) -> None:
-        """Instantiate the configured plugin; ``defaults`` are node settings offered to it."""
-        from affective_trm_ros.core.encoders.base import encoder_class
+    def load_plugin(self, defaults: Optional[dict] = None) -> None:
+        """Build the configured encoder from this node's parameters.
 
-        p = self.params
-        plugin_cls = encoder_class(p['plugin'])
-        if getattr(plugin_cls, 'modality', None) != self.modality:
-            raise ValueError(f"plugin '{p['plugin']}' encodes {getattr(plugin_cls, 'modality', '?')}, "
-                             f'but this node is the {self.modality} encoder')
-        explicit = json.loads(p['encoder_options'] or '{}')
-        kwargs, skipped = plugin_kwargs(plugin_cls, defaults, explicit)
-        if skipped:
-            self.get_logger().info(f"plugin '{p['plugin']}' takes no option(s) {', '.join(skipped)}; "
-                                   f'those parameters do not apply to it')
-        self.encoder = load_encoder(p['plugin'], device=p['device'], weights=p['weights'] or None,
-                                    allow_untrained=p['allow_untrained'], **kwargs)
+        One function (``core.encoders.loading.encoder_from_parameters``) builds encoders for the
+        nodes, offline preparation and replay alike; the node-level settings it offers the plugin
+        (detector, face margin, silence level) come from the parameters, so ``defaults`` is unused.
+        """
+        from affective_trm_ros.core.encoders.loading import encoder_from_parameters
+
+        self.encoder = encoder_from_parameters(self.modality, self.params, log=self.get_logger().info)
         if self.encoder.untrained:
             self.get_logger().warning(
                 f"encoder {self.encoder.identity} runs with UNTRAINED random weights (allow_untrained=true): "
@@ -209,7 +112,7 @@ class EncoderNode(Node):
 
     def start(self, capacity: int, min_interval_s: Callable[[], float] = lambda: 0.0) -> None:
         """Create the output publisher, the worker and diagnostics (after load_plugin)."""
-        self._publisher = self.create_publisher(ModalityEmbedding, self.params['output_topic'],
+        self._publisher = self.create_publisher(ModalityEmbedding, EMBEDDINGS[self.modality],
                                                 self.output_qos())
         self.worker = BoundedWorker(self._process_timed, capacity, f'{self.get_name()}_worker',
                                     self._on_worker_error, min_interval_s)
@@ -221,10 +124,8 @@ class EncoderNode(Node):
         return RELIABLE_QOS
 
     def apply_common(self, changed: dict) -> None:
-        """Runtime updates of the common mutable parameters."""
-        for name in ('stream_id', 'frame_id'):
-            if name in changed:
-                self.params[name] = changed[name]
+        """Runtime updates of the common mutable parameters (stream_id, frame_id): nothing to do,
+        :meth:`publish_embedding` reads them from the parameters."""
 
     # ------------------------------------------------------------ work
 

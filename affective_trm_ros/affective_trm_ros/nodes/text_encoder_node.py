@@ -1,10 +1,10 @@
 """Text encoder node: recognised speech -> one embedding per utterance (``affect/embedding/text``).
 
-Subscribes to ``std_msgs/String`` on ``speech``. Each utterance is stamped with its arrival time on
-the node clock (sim time under ``use_sim_time``), cut to ``max_text_chars`` if longer (a counted
-warning), encoded by the worker and published with transient-local QoS, so a fusion node that
-starts later still receives the current text context. Empty or whitespace-only text is published
-``valid=false``.
+Subscribes to ``std_msgs/String`` on ``speech`` (rename it by remapping). Each utterance is
+stamped with its arrival time on the node clock (sim time under ``use_sim_time``), cut to
+``max_text_chars`` if longer (a counted warning), encoded by the worker and published with
+transient-local QoS, so a fusion node that starts later still receives the current text context.
+Empty or whitespace-only text is published ``valid=false``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from affective_trm_ros.core.modalities import TEXT
 from affective_trm_ros.core.utterance import DEFAULT_MAX_TEXT_CHARS, prepare_utterance
 from affective_trm_ros.nodes.common import LATCHED_QOS, RELIABLE_QOS, add_validator, declare, run_node
 from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
+from affective_trm_ros.topics import SPEECH
 
 # Utterances waiting for the encoder before the oldest is dropped; speech is sparse, so this only
 # fills when something floods the topic.
@@ -29,8 +30,6 @@ def validate_parameters(params: dict) -> Optional[str]:
     error = validate_common(params)
     if error:
         return error
-    if not params.get('speech_topic'):
-        return 'speech_topic must not be empty'
     if not params.get('max_text_chars', 0) >= 1:
         return f"max_text_chars must be >= 1, got {params.get('max_text_chars')}"
     return None
@@ -42,34 +41,27 @@ class TextEncoderNode(EncoderNode):
     def __init__(self, **node_kwargs) -> None:
         super().__init__('text_encoder', TEXT, **node_kwargs)
         p = self.params
-        p['speech_topic'] = declare(self, 'speech_topic', 'speech',
-                                    'std_msgs/String input topic (one utterance per message).',
-                                    read_only=True)
-        p['max_text_chars'] = declare(self, 'max_text_chars', DEFAULT_MAX_TEXT_CHARS,
-                                      'Longer utterances are cut to this many characters (with a warning).',
-                                      min_value=1, max_value=1_000_000)
-        p['max_pending'] = declare(self, 'max_pending', DEFAULT_MAX_PENDING,
-                                   'Utterances queued for the encoder before the oldest is dropped.',
-                                   min_value=1, max_value=10000, read_only=True)
+        declare(self, 'max_text_chars', DEFAULT_MAX_TEXT_CHARS,
+                'Longer utterances are cut to this many characters (with a warning).',
+                min_value=1, max_value=1_000_000)
+        declare(self, 'max_pending', DEFAULT_MAX_PENDING,
+                'Utterances queued for the encoder before the oldest is dropped.',
+                min_value=1, max_value=10000, read_only=True)
         error = validate_parameters(p)
         if error:
             raise ValueError(f'invalid parameters: {error}')
-        add_validator(self, validate_parameters, self._apply)
+        add_validator(self, validate_parameters)
         self.load_plugin({})
         self.start(capacity=p['max_pending'])
         # Reliable input: utterances are rare and each one matters (unlike camera frames).
-        self.create_subscription(String, p['speech_topic'], self._on_speech, RELIABLE_QOS,
-                                 qos_overriding_options=QoSOverridingOptions.with_default_policies())
-        self.get_logger().info(f"encoding utterances from '{p['speech_topic']}'")
+        subscription = self.create_subscription(
+            String, SPEECH, self._on_speech, RELIABLE_QOS,
+            qos_overriding_options=QoSOverridingOptions.with_default_policies())
+        self.get_logger().info(f"encoding utterances from '{subscription.topic_name}'")
 
     def output_qos(self):
         # Transient local, depth 1: a late subscriber still gets the latest utterance's embedding.
         return LATCHED_QOS
-
-    def _apply(self, changed: dict) -> None:
-        self.apply_common(changed)
-        if 'max_text_chars' in changed:
-            self.params['max_text_chars'] = changed['max_text_chars']
 
     def _on_speech(self, msg: String) -> None:
         arrival = self.get_clock().now().to_msg()

@@ -1,9 +1,11 @@
-"""`visualizer` node: draws the current affect estimate onto the camera image.
+"""`visualizer` node: draws the current affect estimates onto the camera image.
 
 Subscribes to the camera (``image_raw``, or its ``/compressed`` topic) and to
 ``affect/valence_arousal``; publishes ``affect/visualization`` (sensor_msgs/Image, rgb8, the input
-image's header) with the valence-arousal panel of :mod:`affective_trm_ros.core.va_overlay` -- for
-``rqt_image_view`` or RViz. Drawing happens in the image callback and is rate-limited.
+image's header) with the valence-arousal panel of :mod:`affective_trm_ros.core.va_overlay` for one
+stream and, for every stream whose estimate has a face box (``ValenceArousal.roi``), the box with
+its valence and arousal (:mod:`affective_trm_ros.core.face_overlay`) -- for ``rqt_image_view`` or
+RViz. Topics are renamed by remapping. Drawing happens in the image callback and is rate-limited.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from affective_msgs.msg import ValenceArousal
-
 from affective_trm_ros.core import image as image_conversion
+from affective_trm_ros.core.face_overlay import FaceBox, draw_face_boxes
 from affective_trm_ros.core.va_overlay import Estimate, draw_va_overlay
-from affective_trm_ros.nodes.common import RELIABLE_QOS, SENSOR_QOS, Diagnostics, RateMeter, ThrottledWarning, declare, run_node
+from affective_trm_ros.nodes.common import (
+    RELIABLE_QOS,
+    SENSOR_QOS,
+    Diagnostics,
+    RateMeter,
+    ThrottledWarning,
+    declare,
+    run_node,
+)
+from affective_trm_ros.topics import ESTIMATES, IMAGE, IMAGE_COMPRESSED, VISUALIZATION
 
 NODE_NAME = 'visualizer'
 TRANSPORTS = ('raw', 'compressed')
@@ -41,15 +52,9 @@ class VisualizerNode(Node):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(NODE_NAME, **kwargs)
-        self._image_topic = declare(self, 'image_topic', 'image_raw',
-                                    "Camera image topic (sensor_msgs/Image); with input_transport "
-                                    "'compressed' its /compressed topic is used.", read_only=True)
-        self._transport = declare(self, 'input_transport', 'raw', 'Camera input: raw Image or '
-                                  'CompressedImage (JPEG/PNG).', choices=TRANSPORTS, read_only=True)
-        estimate_topic = declare(self, 'estimate_topic', 'affect/valence_arousal',
-                                 'ValenceArousal input topic.', read_only=True)
-        output_topic = declare(self, 'output_topic', 'affect/visualization',
-                               'Annotated image output topic (rgb8).', read_only=True)
+        self._transport = declare(self, 'input_transport', 'raw', "Camera input: raw Image on 'image_raw' "
+                                  "or CompressedImage (JPEG/PNG) on 'image_raw/compressed'.",
+                                  choices=TRANSPORTS, read_only=True)
         declare(self, 'stream_id', '', "Stream to show; empty = the stream of the newest estimate.")
         self._trail_length = declare(self, 'trail_length', 30, 'Estimates kept in the trail (30 = 1 s at '
                                      '30 FPS).', min_value=0, max_value=1000, read_only=True)
@@ -59,6 +64,8 @@ class VisualizerNode(Node):
                 min_value=0.0, max_value=1000.0)
         declare(self, 'panel_fraction', 0.35, 'Panel side relative to the shorter image side.',
                 min_value=0.1, max_value=1.0)
+        declare(self, 'face_boxes', True, "Draw every stream's face box (ValenceArousal.roi) with its "
+                'valence and arousal.')
         declare(self, 'diagnostics_period_s', 1.0, 'Period of /diagnostics.', min_value=0.1, max_value=60.0,
                 read_only=True)
         if self._transport not in TRANSPORTS:
@@ -66,6 +73,7 @@ class VisualizerNode(Node):
 
         self._lock = threading.Lock()
         self._latest: dict = {}          # stream -> (stamp_s, Estimate)
+        self._boxes: dict = {}           # stream -> (x, y, width, height) of its newest estimate's face
         self._trails: dict = {}          # stream -> deque of (valence, arousal)
         self._newest_stream: Optional[str] = None
         self._last_output = -math.inf
@@ -73,13 +81,12 @@ class VisualizerNode(Node):
         self._counts: collections.Counter = collections.Counter()
         self._warn = ThrottledWarning(self)
 
-        self.create_subscription(ValenceArousal, estimate_topic, self._on_estimate, RELIABLE_QOS)
+        self.create_subscription(ValenceArousal, ESTIMATES, self._on_estimate, RELIABLE_QOS)
         if self._transport == 'raw':
-            self.create_subscription(Image, self._image_topic, self._on_image, SENSOR_QOS)
+            self.create_subscription(Image, IMAGE, self._on_image, SENSOR_QOS)
         else:
-            self.create_subscription(CompressedImage, f'{self._image_topic}/compressed', self._on_image,
-                                     SENSOR_QOS)
-        self._publisher = self.create_publisher(Image, output_topic, IMAGE_OUT_QOS)
+            self.create_subscription(CompressedImage, IMAGE_COMPRESSED, self._on_image, SENSOR_QOS)
+        self._publisher = self.create_publisher(Image, VISUALIZATION, IMAGE_OUT_QOS)
         self._diagnostics = Diagnostics(self, self._collect_diagnostics,
                                         float(self.get_parameter('diagnostics_period_s').value))
 
@@ -91,6 +98,11 @@ class VisualizerNode(Node):
             trail = self._trails.setdefault(msg.stream_id, collections.deque(maxlen=self._trail_length))
             trail.append((estimate.valence, estimate.arousal))
             self._newest_stream = msg.stream_id
+            roi = msg.roi
+            if roi.width and roi.height:
+                self._boxes[msg.stream_id] = (roi.x_offset, roi.y_offset, roi.width, roi.height)
+            else:
+                self._boxes.pop(msg.stream_id, None)
 
     def _on_image(self, msg) -> None:
         self._in_rate.tick()
@@ -110,12 +122,19 @@ class VisualizerNode(Node):
             self._warn('decode', f'cannot draw on this image: {error}')
             return
         wanted = self.get_parameter('stream_id').value
+        image_s = stamp_to_seconds(msg.header.stamp)
+        stale_after_s = float(self.get_parameter('stale_after_s').value)
         with self._lock:
             stream = wanted or self._newest_stream
             stamp_s, estimate = self._latest.get(stream, (None, None))
             trail = list(self._trails.get(stream, ()))
-        stale_after_s = float(self.get_parameter('stale_after_s').value)
-        stale = stamp_s is not None and stamp_to_seconds(msg.header.stamp) - stamp_s > stale_after_s
+            faces = [FaceBox(*box, label=name, valence=self._latest[name][1].valence,
+                             arousal=self._latest[name][1].arousal,
+                             stale=image_s - self._latest[name][0] > stale_after_s)
+                     for name, box in sorted(self._boxes.items())]
+        stale = stamp_s is not None and image_s - stamp_s > stale_after_s
+        if faces and self.get_parameter('face_boxes').value:
+            rgb = draw_face_boxes(rgb, faces)
         drawn = draw_va_overlay(rgb, estimate, trail, stale=stale, label=stream or '',
                                 panel_fraction=float(self.get_parameter('panel_fraction').value))
         out = Image(header=msg.header, height=drawn.shape[0], width=drawn.shape[1], encoding='rgb8',

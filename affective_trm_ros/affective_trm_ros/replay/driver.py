@@ -37,7 +37,6 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rosgraph_msgs.msg import Clock
 
 from affective_msgs.msg import ModalityEmbedding, ValenceArousal
-
 from affective_trm_ros.core import audio as audio_core
 from affective_trm_ros.core.modalities import AUDIO, TEXT, VIDEO
 from affective_trm_ros.nodes.common import LATCHED_QOS
@@ -59,9 +58,9 @@ OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability
 CLOCK_REPEAT_S = 0.05
 # Extra simulated time past the last frame + max_wait at the end, so every frame is due.
 END_MARGIN_S = 0.2
-# Before a speech message the nodes get this long to take the new /clock (the text node stamps an
-# utterance with its clock at arrival, which must be the message's log time), and after the latched
-# audio_info the audio node gets this long to take it before the first audio message.
+# Without a way to read the nodes' clocks (``node_clocks``), the nodes get this long to take a new
+# /clock before a message they stamp on arrival (speech; headerless audio), and the audio node this
+# long to take the latched audio_info before the first audio message.
 SETTLE_S = 0.02
 # Real time: once the bag is published, the video encoder counts as finished when no embedding
 # has come for this long.
@@ -102,6 +101,7 @@ class ReplayRecord:
     messages_published: int = 0
     wall_s: float = 0.0
     memory_mb: list = field(default_factory=list)     # (frames published, RSS MB)
+    frame_id: str = ''                                # header.frame_id of the estimates (the camera's)
 
 
 def header_stamp_ns(data: bytes) -> int:
@@ -125,18 +125,23 @@ class ReplayDriver(Node):
     ``inputs``: role -> (topic, message type name) for the roles present in the bag.
     ``audio_params``: the audio node's window_s, hop_s, stamp_tolerance_s, max_lag_s and the
     stream format parameters (to count the windows each audio message completes).
+    ``node_clocks``: the clocks of the nodes under test when they run in this process. Before a
+    message that a node stamps on arrival (speech, headerless audio) the driver then waits until
+    every clock reads the message's log time, so the stamp never depends on thread timing;
+    without them it waits SETTLE_S and hopes.
     """
 
     def __init__(self, inputs: dict, *, max_wait_s: float, audio_params: Optional[dict] = None,
                  expect: Iterable[str] = (VIDEO, AUDIO, TEXT), record_embeddings: bool = False,
                  timeout_s: float = 120.0, memory_probe: Optional[Callable[[], float]] = None,
-                 **node_kwargs) -> None:
+                 node_clocks: Iterable = (), **node_kwargs) -> None:
         super().__init__('replay_driver', **node_kwargs)
         self._expect = set(expect)
         self._max_wait_ns = int(round(max_wait_s * 1e9))
         self._timeout_s = float(timeout_s)
         self._record_embeddings = record_embeddings
         self._memory_probe = memory_probe
+        self._node_clocks = list(node_clocks)
         self._clock_pub = self.create_publisher(Clock, '/clock', 10)
         self._input_pubs = {}
         for role, (topic, type_name) in inputs.items():
@@ -158,7 +163,6 @@ class ReplayDriver(Node):
         self._counts = {AUDIO: 0, TEXT: 0}
         self._output_stamps: set = set()
         self._expected_audio = 0
-        self._audio_seen = False
         self._expected_text = 0
         self.record = ReplayRecord(mode='')
         for modality, topic in EMBEDDING_TOPICS.items():
@@ -192,6 +196,7 @@ class ReplayDriver(Node):
         with self._cond:
             self.record.outputs.append((stamp_ns, msg.stream_id, float(msg.valence), float(msg.arousal),
                                         float(msg.confidence), int(msg.modalities), now))
+            self.record.frame_id = self.record.frame_id or msg.header.frame_id
             self._output_stamps.add(stamp_ns)
             self._cond.notify_all()
 
@@ -268,11 +273,9 @@ class ReplayDriver(Node):
                            'ValenceArousal for the frames due by the fusion policy (is the fusion node '
                            'running?)', clock_ns)
                 frames = [f for f in frames if f not in self._output_stamps]
-                if item.role == ROLE_SPEECH or (item.role == ROLE_AUDIO and not self._audio_seen
+                if item.role == ROLE_SPEECH or (item.role == ROLE_AUDIO
                                                 and self._input_types[ROLE_AUDIO] == AUDIO_DATA_TYPE):
-                    time.sleep(SETTLE_S)  # stamped on arrival by the node clock: let it see this /clock
-                if item.role == ROLE_AUDIO:
-                    self._audio_seen = True
+                    self._settle_clocks(clock_ns)  # stamped on arrival by the node clock
             publisher = self._input_pubs[item.role]
             publisher.publish(item.data)
             record.messages_published += 1
@@ -313,6 +316,14 @@ class ReplayDriver(Node):
         if self._memory_probe:
             record.memory_mb.append((record.frames_published, self._memory_probe()))
         return record
+
+    def _settle_clocks(self, clock_ns: int) -> None:
+        """Wait until the nodes' clocks read ``clock_ns`` (see ``node_clocks``)."""
+        if not self._node_clocks:
+            time.sleep(SETTLE_S)
+            return
+        self._wait(lambda: all(clock.now().nanoseconds >= clock_ns for clock in self._node_clocks),
+                   f'the nodes taking /clock = {clock_ns / 1e9:.3f} s (use_sim_time)', clock_ns)
 
     def _finish(self, clock_ns: int, realtime: bool) -> None:
         """Advance the clock so every frame is due, then wait for the estimates."""

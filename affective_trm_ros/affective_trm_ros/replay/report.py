@@ -133,7 +133,9 @@ def untrained_encoders(encoders: Mapping[str, str]) -> dict:
 
 
 def untrained_line(encoders: Mapping[str, str]) -> str:
-    """The first line of every report: which encoders ran with random weights."""
+    """Which encoders ran with random weights (the first line of a report that has estimates)."""
+    if not encoders:
+        return 'No encoder answered: no embedding was published, so no encoder weights were used.'
     untrained = untrained_encoders(encoders)
     if not untrained:
         return ('All encoders ran with their pretrained weights: '
@@ -141,6 +143,21 @@ def untrained_line(encoders: Mapping[str, str]) -> str:
     names = ', '.join(f"{m} ({i.split('@')[0]})" for m, i in untrained.items())
     return (f'UNTRAINED encoders (random weights, explicit opt-in because their weight files are absent): '
             f'{names}. Their features carry no pretrained knowledge; metrics reflect that.')
+
+
+def report_notices(report: Mapping) -> list:
+    """What a reader must know before reading the numbers: an empty replay, missing ground truth,
+    untrained encoders. The report's first lines and the command's summary print these."""
+    notices = []
+    if not report['frames']:
+        notices.append('EMPTY REPLAY: the bag has no video frames, so nothing was estimated or evaluated.')
+    else:
+        notices.append(untrained_line(report['encoders']))
+    if report['frames'] and not report['labelled_frames']:
+        source = report.get('labels_looked_for') or 'the ground-truth topic'
+        notices.append(f'NO GROUND TRUTH: no labels for these frames in {source}; CCC, RMSE and Pearson r '
+                       'are n/a (coverage and latency are still measured).')
+    return notices
 
 
 def write_estimates_csv(path: Path, table: FrameTable) -> Path:
@@ -167,6 +184,8 @@ def write_estimates_bag(path: Path, table: FrameTable, stream_id: str = 'default
     """An MCAP bag with the estimates (and the ground truth), logged at the frame stamps."""
     store = affective_typestore()
     message = store.types[VALENCE_AROUSAL]
+    no_box = store.types['sensor_msgs/msg/RegionOfInterest'](x_offset=0, y_offset=0, height=0, width=0,
+                                                              do_rectify=False)
     with BagWriter(path, overwrite=True) as bag:
         bag.add_topic(ESTIMATE_TOPIC, VALENCE_AROUSAL)
         has_truth = bool(np.isfinite(table.truth).any())
@@ -176,12 +195,12 @@ def write_estimates_bag(path: Path, table: FrameTable, stream_id: str = 'default
             stamp = int(table.stamps_ns[i])
             if table.modalities[i] >= 0:
                 bag.write(ESTIMATE_TOPIC, stamp, message(
-                    header=make_header(stamp, frame_id, store), stream_id=stream_id,
+                    header=make_header(stamp, frame_id, store), stream_id=stream_id, roi=no_box,
                     valence=float(table.estimates[i, 0]), arousal=float(table.estimates[i, 1]),
                     confidence=float(table.confidence[i]), modalities=int(table.modalities[i])))
             if has_truth and np.all(np.isfinite(table.truth[i])):
                 bag.write(GROUND_TRUTH_TOPIC, stamp, message(
-                    header=make_header(stamp, frame_id, store), stream_id=stream_id,
+                    header=make_header(stamp, frame_id, store), stream_id=stream_id, roi=no_box,
                     valence=float(table.truth[i, 0]), arousal=float(table.truth[i, 1]),
                     confidence=1.0, modalities=0))
     return path
@@ -189,7 +208,7 @@ def write_estimates_bag(path: Path, table: FrameTable, stream_id: str = 'default
 
 def write_replay_report(out_dir: str | Path, table: FrameTable, report: dict, *, title: str,
                         session: str = 'replay') -> dict:
-    """Write CSV, bag, report.json, report.md (first line: untrained encoders) and the plots."""
+    """Write CSV, bag, report.json, report.md (first lines: :func:`report_notices`) and the plots."""
     from affective_trm_ros.offline.evaluation.evaluate import REPORT_JSON, REPORT_MD, write_report
 
     out_dir = Path(out_dir)
@@ -197,10 +216,11 @@ def write_replay_report(out_dir: str | Path, table: FrameTable, report: dict, *,
     files = write_report(report, out_dir, {session: table.estimates}, {session: table.truth},
                          {session: table.times_s}, confidence={session: table.confidence}, title=title)
     files['csv'] = write_estimates_csv(out_dir / ESTIMATES_CSV, table)
-    files['bag'] = write_estimates_bag(out_dir / ESTIMATES_BAG, table)
+    files['bag'] = write_estimates_bag(out_dir / ESTIMATES_BAG, table, frame_id=report.get('frame_id') or '')
     markdown = (out_dir / REPORT_MD).read_text()
     extra = replay_markdown(report)
-    (out_dir / REPORT_MD).write_text(f"{untrained_line(report['encoders'])}\n\n{markdown}\n{extra}")
+    notices = '\n\n'.join(report_notices(report))
+    (out_dir / REPORT_MD).write_text(f'{notices}\n\n{markdown}\n{extra}')
     saved = json.loads((out_dir / REPORT_JSON).read_text())
     saved['files'] = {name: str(path) for name, path in files.items()}
     (out_dir / REPORT_JSON).write_text(json.dumps(saved, indent=2))
