@@ -237,3 +237,6 @@ def test_egemaps_shares_the_waveform_contract_with_dasheng(egemaps, encoder):
         egemaps.encode(np.zeros((2, 16000), np.float32))
     with pytest.raises(ValueError, match='NaN or Inf'):
         egemaps.encode(np.full(16000, np.nan, np.float32))
+    with pytest.raises(ValueError, match='shorter than eGeMAPS'):
+        egemaps.encode(speech()[:959])
+    assert egemaps.encode(speech()[:960])[1]   # 60 ms: one pitch frame, finite features

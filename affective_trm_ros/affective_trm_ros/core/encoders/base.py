@@ -156,9 +156,9 @@ class Encoder(abc.ABC):
         if now - self._last_nonfinite_warning >= NONFINITE_WARN_PERIOD_S:
             self._last_nonfinite_warning = now
             LOGGER.warning('%s produced non-finite (NaN/Inf) embeddings for %d of %d input(s), %d so far; '
-                           'they are reported invalid. Corrupted weights? Check them with '
-                           '`affective-trm weights verify`', self.identity, int(bad.sum()), bad.size,
-                           self.nonfinite_outputs)
+                           'they are reported invalid. Corrupted weights, or an input the model cannot '
+                           'handle? Check the weights with `affective-trm weights verify`',
+                           self.identity, int(bad.sum()), bad.size, self.nonfinite_outputs)
         return result
 
     def encode(self, item: Any) -> tuple[np.ndarray, bool]:

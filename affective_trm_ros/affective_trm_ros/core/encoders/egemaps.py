@@ -30,6 +30,8 @@ from affective_trm_ros.core.encoders.base import Encoder, EncodeResult, WeightsF
 SAMPLE_RATE = 16000          # the windows the audio node cuts for every waveform plugin
 FEATURE_DIM = 88             # eGeMAPSv02 functionals
 FEATURE_LEVEL = 'func'       # openSMILE's functionals output (opensmile.FeatureLevel.Functionals)
+# eGeMAPS's longest analysis frame is 60 ms (the pitch window); openSMILE returns NaN for less.
+MIN_SAMPLES = SAMPLE_RATE * 60 // 1000
 
 
 class EGeMAPSEncoder(Encoder):
@@ -76,6 +78,10 @@ class EGeMAPSEncoder(Encoder):
 
     def _encode_batch(self, inputs: list) -> EncodeResult:
         windows = [check_waveform(samples) for samples in inputs]
+        for window in windows:
+            if window.size < MIN_SAMPLES:
+                raise ValueError(f'window of {window.size} samples is shorter than eGeMAPS\'s 60 ms analysis '
+                                 f'frame ({MIN_SAMPLES} samples at {SAMPLE_RATE} Hz)')
         valid = np.array([not self.is_silent(w) for w in windows], dtype=bool)
         embeddings = np.zeros((len(windows), self.dim), np.float32)
         for index in np.flatnonzero(valid):
