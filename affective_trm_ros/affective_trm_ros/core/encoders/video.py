@@ -44,6 +44,7 @@ from affective_trm_ros.core.encoders.face import (
     crop_face,
     make_detector,
 )
+from affective_trm_ros.core.encoders.runtime import accelerated
 
 LOGGER = logging.getLogger(__name__)
 
@@ -318,12 +319,25 @@ class FaceEncoder(Encoder):
 
 # --- encoders -----------------------------------------------------------------------------------
 
+class _FeaturesAndOutputs(torch.nn.Module):
+    """A timm classifier's pooled features and its classifier outputs, from a normalised batch."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: torch.Tensor) -> tuple:
+        features = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+        return features, self.model.get_classifier()(features)
+
+
 class HSEmotionEncoder(FaceEncoder):
     """HSEmotion ``enet_b0_8_best_afew``: 1280-d face features (video, full RGB frame in).
 
     Options: ``detector`` ('mtcnn' | 'haar'), ``face_margin`` (fraction of the face box added on
     each side before cropping; 0 = the detector's box, as HSEmotion's demos), ``min_face_size`` (px),
-    ``min_face_confidence`` (MTCNN only).
+    ``min_face_confidence`` (MTCNN only), ``runtime`` ('auto' | 'torch' | 'onnxruntime': who runs
+    the network on a CPU, see :mod:`affective_trm_ros.core.encoders.runtime`).
 
     ``extras``: ``face_box`` (N, 4) x1, y1, x2, y2 in pixels (NaN without a face; ``encode_batch``
     only), ``emotion_logits`` (N, 8) in :data:`EMOTIONS` order, ``expression_classes``
@@ -338,10 +352,10 @@ class HSEmotionEncoder(FaceEncoder):
     def __init__(self, device: str = 'auto', weights: Optional[str] = None, allow_untrained: bool = False,
                  detector: str = 'mtcnn', face_margin: float = 0.0,
                  min_face_size: int = DEFAULT_MIN_FACE_SIZE,
-                 min_face_confidence: float = DEFAULT_MIN_CONFIDENCE) -> None:
+                 min_face_confidence: float = DEFAULT_MIN_CONFIDENCE, runtime: str = 'auto') -> None:
         super().__init__(device=device, weights=weights, allow_untrained=allow_untrained, detector=detector,
                          face_margin=face_margin, min_face_size=min_face_size,
-                         min_face_confidence=min_face_confidence)
+                         min_face_confidence=min_face_confidence, runtime=runtime)
         if face_margin < 0:
             raise ValueError(f'face_margin must be >= 0, got {face_margin}')
         self.face_margin = float(face_margin)
@@ -349,6 +363,11 @@ class HSEmotionEncoder(FaceEncoder):
         self.model = self._load_model().to(self.device)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        # The network on a normalised batch; on a CPU run by ONNX Runtime where installed (runtime.py).
+        self._network = _FeaturesAndOutputs(self.model)
+        example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        self._onnx = accelerated(self._network, example, self.device, runtime)
+        self.runtime = 'torch' if self._onnx is None else 'onnxruntime'
 
     def _load_model(self) -> torch.nn.Module:
         path = self._weights_or_untrained(self.weights_name)   # a cached file's SHA-256 is checked there
@@ -367,9 +386,11 @@ class HSEmotionEncoder(FaceEncoder):
         with torch.inference_mode():
             batch = torch.stack([self.preprocess(c) for c in crops]).to(self.device)
             batch = (batch - self._mean) / self._std
-            features = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
-            outputs = self.model.get_classifier()(features)
-        return features.float().cpu().numpy(), self._head_extras(outputs.float().cpu().numpy())
+            if self._onnx is not None:
+                features, outputs = self._onnx(batch.numpy())
+            else:
+                features, outputs = (t.float().cpu().numpy() for t in self._network(batch))
+        return features, self._head_extras(outputs)
 
     def _head_extras(self, outputs: np.ndarray) -> dict:
         logits = outputs[:, :len(EMOTIONS)]
