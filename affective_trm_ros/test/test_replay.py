@@ -24,7 +24,10 @@ from affective_trm_ros.offline.io.bags import (
 )
 from affective_trm_ros.replay.report import (
     build_replay_report,
+    estimate_streams,
     frame_table,
+    people_report,
+    people_tables,
     percentiles_ms,
     report_notices,
     untrained_line,
@@ -229,3 +232,38 @@ def test_replay_refuses_at_start_what_it_cannot_evaluate(tmp_path):
     options = ReplayOptions(parameters={'fusion': {'sync_policy': 'approximate'}})
     with pytest.raises(ValueError, match="sync_policy 'approximate' publishes only the frames it pairs"):
         plan_replay(bag, checkpoint, options)
+
+
+def test_several_people_get_their_own_ground_truth_metrics_and_coverage(tmp_path):
+    frames = [T0 + i * FRAME_NS for i in range(40)]
+    publish = {s: 0.05 * i for i, s in enumerate(frames)}
+    t = np.arange(40) / 40
+    truth = {'face_0': np.stack([np.sin(6 * t), np.cos(6 * t)], axis=1),
+             'face_1': np.stack([-np.sin(6 * t), 0.5 * np.cos(3 * t)], axis=1)}
+    outputs = []
+    for i, stamp in enumerate(frames):
+        outputs.append((stamp, 'face_0', *(truth['face_0'][i] * 0.9), 0.8, 1, 1.0 + 0.05 * i))   # close
+        if i % 2 == 0:   # face_1 seen on half the frames, estimated far from its truth
+            outputs.append((stamp, 'face_1', *(-truth['face_1'][i]), 0.5, 1, 1.0 + 0.05 * i))
+    assert estimate_streams(outputs) == ['face_0', 'face_1']
+    tables = people_tables(frames, outputs, publish, publish, truth)
+    assert list(tables) == ['face_0', 'face_1']
+    np.testing.assert_allclose(tables['face_1'].truth, truth['face_1'], atol=1e-6)   # its own labels
+    people = people_report(tables)
+    first, second = people['people']['face_0'], people['people']['face_1']
+    assert first['coverage'] == 1.0 and second['coverage'] == 0.5
+    assert first['metrics']['valence']['ccc'] > 0.9 and second['metrics']['valence']['ccc'] < -0.9
+    assert people['pooled_metrics']['valence']['n'] == 40 + 20
+    assert second['metrics']['valence']['n'] == 20 and first['labelled_frames'] == 40
+    # One person under another name than its labels: still that person's labels.
+    single = people_tables(frames, [o for o in outputs if o[1] == 'face_0'], publish, publish,
+                           {'default': truth['face_0']})
+    np.testing.assert_allclose(single['face_0'].truth, truth['face_0'], atol=1e-6)
+    report = build_replay_report(tables['face_0'], wall_s=2.0, mode='as fast as possible', encoders={})
+    report.update(people=people['people'], metrics=people['pooled_metrics'], shown_person='face_0')
+    files = write_replay_report(tmp_path, tables['face_0'], report, title='Two people', session='two')
+    text = files['markdown'].read_text()
+    assert '## People' in text and '| face_1 | 50.0 | 40 |' in text
+    with BagReader(files['bag']) as bag:
+        first_estimate = next(decoded for _, decoded in bag.messages(['/affect/valence_arousal']))
+        assert first_estimate.stream_id == 'face_0'

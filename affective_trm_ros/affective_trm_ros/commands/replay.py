@@ -80,10 +80,15 @@ def print_summary(outcome: ReplayOutcome) -> None:
     print(f"replay ({report['mode']}): {report['frames']} frames, coverage {report['coverage'] * 100:.2f} %, "
           f"{report['throughput_fps']:.1f} frames/s, latency p50 {report['latency_ms']['p50']:.0f} ms "
           f"p95 {report['latency_ms']['p95']:.0f} ms")
+    pooled = ' (pooled over everyone)' if report.get('people') else ''
     for name in ('valence', 'arousal'):
         m = metrics[name]
         print(f"  {name:8s} CCC {m['ccc']:.3f}  RMSE {m['rmse']:.3f}  Pearson {m['pearson']:.3f}  "
-              f"(n={m['n']})")
+              f"(n={m['n']}){pooled}")
+    for stream, person in (report.get('people') or {}).items():
+        m = person['metrics']
+        print(f"  person {stream}: coverage {person['coverage'] * 100:.1f} %, CCC valence "
+              f"{m['valence']['ccc']:.3f} arousal {m['arousal']['ccc']:.3f} (n={m['valence']['n']})")
     print(f"report: {outcome.files['markdown']}")
 
 

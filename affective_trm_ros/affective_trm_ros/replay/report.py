@@ -86,6 +86,43 @@ def frame_table(frame_stamps_ns: Sequence[int], outputs: Sequence[tuple], publis
     return FrameTable(stamps, estimates, confidence, modalities, latency, encode, truth)
 
 
+def estimate_streams(outputs: Sequence[tuple]) -> list:
+    """The stream ids the estimates name, most estimates first (ties by name)."""
+    counts: dict = {}
+    for output in outputs:
+        counts[output[1]] = counts.get(output[1], 0) + 1
+    return sorted(counts, key=lambda stream: (-counts[stream], stream))
+
+
+def people_tables(frame_stamps_ns: Sequence[int], outputs: Sequence[tuple], publish_wall: Mapping[int, float],
+                  embedding_wall: Mapping[int, float],
+                  truth_by_stream: Optional[Mapping[str, np.ndarray]]) -> dict:
+    """One FrameTable per person (estimate stream), each over every video frame, with that
+    person's ground truth: the labels whose stream id is the stream's id (the convention of the
+    sample sessions and of feature preparation); with one estimate stream and one labelled stream
+    the two are the same person whatever their names."""
+    truth_by_stream = dict(truth_by_stream or {})
+    streams = estimate_streams(outputs)
+    if len(streams) == 1 and len(truth_by_stream) == 1:
+        truth_by_stream = {streams[0]: next(iter(truth_by_stream.values()))}
+    return {stream: frame_table(frame_stamps_ns, outputs, publish_wall, embedding_wall,
+                                truth_by_stream.get(stream), stream_id=stream) for stream in streams}
+
+
+def people_report(tables: Mapping[str, FrameTable]) -> dict:
+    """Metrics and coverage per person, and the metrics pooled over everyone's labelled frames."""
+    people = {stream: {'metrics': regression_report(table.estimates, table.truth),
+                       'coverage': float(table.covered.mean()) if table.stamps_ns.size else math.nan,
+                       'frames_with_estimate': int(table.covered.sum()),
+                       'labelled_frames': int(np.all(np.isfinite(table.truth), axis=1).sum())}
+              for stream, table in tables.items()}
+    if not tables:
+        return {'people': {}, 'pooled_metrics': regression_report(np.zeros((0, 2)), np.zeros((0, 2)))}
+    estimates = np.concatenate([table.estimates for table in tables.values()])
+    truth = np.concatenate([table.truth for table in tables.values()])
+    return {'people': people, 'pooled_metrics': regression_report(estimates, truth)}
+
+
 def percentiles_ms(values: np.ndarray) -> dict:
     """p50/p90/p95/p99/max (ms) of the finite values; NaN when there are none."""
     values = np.asarray(values, np.float64)
@@ -216,7 +253,9 @@ def write_replay_report(out_dir: str | Path, table: FrameTable, report: dict, *,
     files = write_report(report, out_dir, {session: table.estimates}, {session: table.truth},
                          {session: table.times_s}, confidence={session: table.confidence}, title=title)
     files['csv'] = write_estimates_csv(out_dir / ESTIMATES_CSV, table)
-    files['bag'] = write_estimates_bag(out_dir / ESTIMATES_BAG, table, frame_id=report.get('frame_id') or '')
+    files['bag'] = write_estimates_bag(out_dir / ESTIMATES_BAG, table,
+                                       stream_id=report.get('shown_person') or 'default',
+                                       frame_id=report.get('frame_id') or '')
     markdown = (out_dir / REPORT_MD).read_text()
     extra = replay_markdown(report)
     notices = '\n\n'.join(report_notices(report))
@@ -243,6 +282,17 @@ def replay_markdown(report: dict) -> str:
              '- Video encoding, publishing a frame -> its embedding (ms): '
              + ', '.join(f'{k} {fmt(v)}' for k, v in report['video_encode_ms'].items()),
              '- Encoders: ' + ', '.join(f'{m} `{i}`' for m, i in report['encoders'].items())]
+    if len(report.get('people') or {}) > 1:
+        lines += ['', '## People', '',
+                  'Metrics and coverage per person (stream id); the metrics above pool every person\'s '
+                  'labelled frames.', '',
+                  '| person | coverage % | labelled frames | CCC valence | CCC arousal | RMSE valence | '
+                  'RMSE arousal |', '|---|---|---|---|---|---|---|']
+        for stream, person in report['people'].items():
+            metrics = person['metrics']
+            cells = [fmt(metrics[d][m], 3) for m in ('ccc', 'rmse') for d in ('valence', 'arousal')]
+            lines.append(f"| {stream} | {fmt(person['coverage'] * 100, 1)} | {person['labelled_frames']} | "
+                         f"{' | '.join(cells)} |")
     if report.get('memory_mb'):
         memory = report['memory_mb']
         lines.append(f'- Resident memory (MB): {fmt(memory[0][1], 0)} at start, '

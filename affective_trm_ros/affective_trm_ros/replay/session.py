@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
-from affective_trm_ros.offline.extraction.bag import BagTopics, labels_from_csv, labels_from_topic
+from affective_trm_ros.offline.extraction.bag import (
+    BagTopics,
+    ground_truth,
+    labels_from_csv,
+    labels_from_topic,
+)
 from affective_trm_ros.offline.io.bags import (
     AUDIO_DATA,
     AUDIO_DATA_STAMPED,
@@ -214,30 +219,54 @@ def play_through_nodes(bag_path: Path, checkpoint: Path, plan: ReplayPlan, optio
     return record
 
 
+def ground_truth_by_stream(bag_path: Path, options: ReplayOptions, frames: list) -> tuple:
+    """({stream id: (N, 2) labels}, where they came from); the CSV labels count as one person."""
+    if options.labels_csv is not None:
+        return {'': labels_from_csv(options.labels_csv, frames)}, str(options.labels_csv)
+    topic = options.topics.ground_truth
+    streams = ground_truth(bag_path, topic) or {}
+    return {stream: labels_from_topic(bag_path, topic, frames, stream_id=stream) for stream in streams}, topic
+
+
 def replay_bag(bag_path, checkpoint, out_dir, options: Optional[ReplayOptions] = None) -> ReplayOutcome:
-    """Replay ``bag_path`` through the nodes with ``checkpoint``; write the report into ``out_dir``."""
-    from affective_trm_ros.replay.report import build_replay_report, frame_table, write_replay_report
+    """Replay ``bag_path`` through the nodes with ``checkpoint``; write the report into ``out_dir``.
+
+    With several people (estimate streams), the report's metrics pool everyone's labelled frames
+    and ``report['people']`` holds each person's metrics and coverage; the per-frame table, CSV and
+    plots are those of the person with the most estimates.
+    """
+    from affective_trm_ros.replay.report import (
+        build_replay_report,
+        frame_table,
+        people_report,
+        people_tables,
+        write_replay_report,
+    )
 
     options = options or ReplayOptions()
     bag_path, checkpoint, out_dir = Path(bag_path), Path(checkpoint), Path(out_dir)
     plan = plan_replay(bag_path, checkpoint, options)
     record = play_through_nodes(bag_path, checkpoint, plan, options)
     frames = sorted(record.frame_publish_wall)
-    if options.labels_csv is not None:
-        truth, labels = labels_from_csv(options.labels_csv, frames), str(options.labels_csv)
-    else:
-        labels = options.topics.ground_truth
-        truth = labels_from_topic(bag_path, labels, frames)
-    table = frame_table(frames, record.outputs, record.frame_publish_wall, record.embedding_wall, truth)
-    report = build_replay_report(table, wall_s=record.wall_s, mode=record.mode, encoders=record.encoders,
-                                 extra={
+    truth_by_stream, labels = ground_truth_by_stream(bag_path, options, frames)
+    tables = people_tables(frames, record.outputs, record.frame_publish_wall, record.embedding_wall,
+                           truth_by_stream)
+    table = (next(iter(tables.values())) if tables else
+             frame_table(frames, record.outputs, record.frame_publish_wall, record.embedding_wall, None))
+    extra = {
         'bag': str(bag_path.resolve()), 'checkpoint': str(checkpoint.resolve()),
-        'labels': labels if truth is not None else None,
-        'labels_looked_for': labels,
+        'labels': labels if truth_by_stream else None, 'labels_looked_for': labels,
         'republished_frames': record.republished_frames, 'memory_mb': record.memory_mb,
         'node_parameters': plan.parameters, 'device': options.device, 'session': bag_path.name,
         'frame_id': record.frame_id,
-    })
+    }
+    report = build_replay_report(table, wall_s=record.wall_s, mode=record.mode, encoders=record.encoders,
+                                 extra=extra)
+    if len(tables) > 1:
+        people = people_report(tables)
+        report.update(people=people['people'], metrics=people['pooled_metrics'],
+                      labelled_frames=sum(p['labelled_frames'] for p in people['people'].values()),
+                      shown_person=next(iter(tables)))
     title = options.title or f'Replay: {bag_path.name}'
     files = write_replay_report(out_dir, table, report, title=title, session=bag_path.name)
     return ReplayOutcome(record, table, report, files)
