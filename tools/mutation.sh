@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Mutation testing with mutmut 3: plants small bugs (operators, constants, arguments) in one module
+# at a time and runs that module's focused tests against each; a mutant the tests do not notice
+# "survives". Not part of CI (minutes per module); run it after changing a module or its tests.
+#
+#   source tools/env.sh
+#   tools/mutation.sh metrics trm            # or: tools/mutation.sh all
+#   MUTATION_JOBS=2 tools/mutation.sh losses # parallel workers (default 1: shared machines)
+#
+# Each module runs in its own scratch copy under build/mutation/<module>/ (git-ignored), so the
+# working tree is never touched and every module gets its own test selection. Afterwards:
+#   cd build/mutation/<module> && mutmut results        # surviving mutants
+#   cd build/mutation/<module> && mutmut show <mutant>  # the diff of one mutant
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+package="$root/affective_trm_ros"
+work_root="${MUTATION_DIR:-$root/build/mutation}"
+jobs="${MUTATION_JOBS:-1}"
+
+# module -> file to mutate (inside the affective_trm_ros Python package)
+declare -A SOURCE=(
+  [metrics]=core/metrics.py
+  [trm]=core/trm.py
+  [alignment]=core/alignment.py
+  [predictor]=core/predictor.py
+  [losses]=offline/learning/losses.py
+  [train]=offline/learning/train.py
+)
+# module -> the fast tests that state its behaviour (mutmut runs, per mutant, only those of them
+# that call the mutated function)
+declare -A TESTS=(
+  [metrics]="test/test_metrics.py test/test_metrics_exact.py"
+  [trm]="test/test_trm.py test/test_trm_seed.py test/test_trm_reference.py"
+  [alignment]="test/test_alignment.py test/test_alignment_exact.py"
+  [predictor]="test/test_predictor.py"
+  [losses]="test/test_metrics.py test/test_losses_exact.py"
+  [train]="test/test_training.py"
+)
+ORDER=(metrics trm alignment predictor losses train)
+
+usage() {
+  echo "usage: tools/mutation.sh all | MODULE [MODULE ...]   (modules: ${ORDER[*]})" >&2
+  exit 2
+}
+(( $# )) || usage
+command -v mutmut >/dev/null || { echo 'mutation.sh: mutmut not found; source tools/env.sh first' >&2; exit 1; }
+modules=("$@")
+[[ "$1" == all ]] && modules=("${ORDER[@]}")
+for name in "${modules[@]}"; do
+  [[ -n "${SOURCE[$name]:-}" ]] || { echo "mutation.sh: unknown module '$name'" >&2; usage; }
+done
+
+summary=()
+for name in "${modules[@]}"; do
+  work="$work_root/$name"
+  rm -rf "$work"
+  mkdir -p "$work"
+  # A plain copy of the package and its tests; mutmut imports the mutated copy from mutants/.
+  tar -C "$package" --exclude=__pycache__ -cf - affective_trm_ros test | tar -C "$work" -xf -
+  tests=()
+  for t in ${TESTS[$name]}; do [[ -f "$work/$t" ]] && tests+=("$t"); done
+  {
+    echo '[mutmut]'
+    echo 'source_paths = affective_trm_ros'
+    echo "only_mutate = affective_trm_ros/${SOURCE[$name]}"
+    # torch is not fork-safe once it has run: fork every mutant from a clean server process.
+    echo 'process_isolation = forkserver'
+    echo 'pytest_add_cli_args_test_selection ='
+    printf '    %s\n' "${tests[@]}"
+    echo 'pytest_add_cli_args ='
+    printf '    %s\n' -p no:cacheprovider -p no:randomly -q
+  } > "$work/setup.cfg"
+  echo "== $name: mutating ${SOURCE[$name]} against ${tests[*]}"
+  start=$SECONDS
+  (cd "$work" && OMP_NUM_THREADS=1 nice -n 10 mutmut run --max-children "$jobs" > run.log 2>&1) || {
+    echo "mutation.sh: mutmut failed for $name; see $work/run.log" >&2
+    tail -n 30 "$work/run.log" >&2
+    exit 1
+  }
+  (cd "$work" && mutmut export-cicd-stats > /dev/null && mutmut results > survivors.txt 2>&1) || true
+  line=$(python3 - "$work/mutants/mutmut-cicd-stats.json" "$name" "$((SECONDS - start))" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+tested = s['killed'] + s['survived'] + s['timeout'] + s['suspicious'] + s['segfault']
+caught = s['killed'] + s['timeout'] + s['segfault']
+rate = 100.0 * caught / tested if tested else float('nan')
+print(f"{sys.argv[2]:<10} {s['total']:>6} {caught:>7} {s['survived']:>8} {s['no_tests']:>8} "
+      f"{rate:>7.1f}% {sys.argv[3]:>6}s")
+EOF
+)
+  echo "$line"
+  summary+=("$line")
+done
+echo
+printf '%-10s %6s %7s %8s %8s %8s %7s\n' module total killed survived no_tests kill time
+printf '%s\n' "${summary[@]}"
+echo "survivors: build/mutation/<module>/survivors.txt; a diff: cd build/mutation/<module> && mutmut show NAME"
