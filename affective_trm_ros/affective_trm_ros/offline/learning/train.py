@@ -309,6 +309,7 @@ def predict_sessions(
     Returns session id -> (predictions (T, 2) float32, confidence (T,) float32).
     """
     model.eval()
+    device = torch.device(device)
     out = {}
     for ids in batches_by_length(session_ids, source.lengths, batch_size, rng=None):
         batch = collate(source, ids).to(device)
