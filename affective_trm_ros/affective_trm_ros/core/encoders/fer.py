@@ -228,8 +228,8 @@ def fer_face_crop(rgb: np.ndarray, box: FaceBox, offsets: tuple = FER_OFFSETS) -
     import cv2
 
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    x, y = int(round(box.x1)), int(round(box.y1))
-    w, h = int(round(box.x2 - box.x1)), int(round(box.y2 - box.y1))
+    x, y = int(box.x1), int(box.y1)          # fer.FER.find_faces truncates MTCNN's boxes like this
+    w, h = int(box.x2) - x, int(box.y2) - y
     if h > w:                                # fer.FER.tosquare: grow the shorter side, centred
         x, w = x - (h - w) // 2, h
     elif w > h:
