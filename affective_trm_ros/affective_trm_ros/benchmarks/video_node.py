@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     params = [Parameter('plugin', value=args.plugin), Parameter('detector', value=args.detector),
               Parameter('device', value=args.device), Parameter('weights', value=args.weights),
               Parameter('allow_untrained', value=args.allow_untrained),
-              Parameter('max_rate', value=args.max_rate), Parameter('compressed_topic', value=''),
+              Parameter('max_rate', value=args.max_rate),
               Parameter('face_pipeline', value=args.face_pipeline),
               Parameter('max_faces', value=args.max_faces)]
     node = VideoEncoderNode(context=context, namespace=NAMESPACE, parameter_overrides=params)

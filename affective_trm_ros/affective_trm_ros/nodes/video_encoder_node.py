@@ -1,7 +1,8 @@
 """Video encoder node: camera frames -> one face embedding per tracked face (``affect/embedding/video``).
 
 Camera input (``input_mode: camera``): ``sensor_msgs/Image`` on ``image_raw`` and
-``sensor_msgs/CompressedImage`` on ``image_raw/compressed`` (sensor-data QoS, overridable). The
+``sensor_msgs/CompressedImage`` on ``image_raw/compressed`` (sensor-data QoS, overridable; rename
+them by remapping). The
 subscription callback only keeps the newest frame; the worker thread converts it (``core.image``)
 and runs the face path of ``core.face_pipeline`` at most ``max_rate`` times per second:
 
@@ -39,6 +40,7 @@ import numpy as np
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 
+from affective_trm_ros import topics
 from affective_trm_ros.core import image as image_conversion
 from affective_trm_ros.core.encoders.face import (
     DEFAULT_MIN_CONFIDENCE,
@@ -63,7 +65,11 @@ DEFAULT_MAX_RATE_HZ = 30.0
 INPUT_MODES = ('camera', 'hri')
 MAX_FACES_LIMIT = 32                 # one batched encoder call per frame must stay affordable
 DEFAULT_TRACK_ID_PREFIX = 'face_'
-HRI_FACES = '/humans/faces'          # REP-155 namespace of hri_face_detect's outputs (absolute)
+
+
+def hri_aligned_topic(face_id: str) -> str:
+    """REP-155: hri_face_detect's aligned crop of one face (absolute, as the REP names it)."""
+    return f'/humans/faces/{face_id}/aligned'
 
 
 def hri_messages():
@@ -85,8 +91,6 @@ def validate_parameters(params: dict) -> Optional[str]:
     if params.get('input_mode') not in INPUT_MODES:
         return f"input_mode must be one of {', '.join(INPUT_MODES)}, got '{params.get('input_mode')}'"
     camera = params.get('input_mode') == 'camera'
-    if camera and not params.get('image_topic') and not params.get('compressed_topic'):
-        return 'at least one of image_topic and compressed_topic must be set'
     if params.get('detector') not in DETECTORS:
         return f"detector must be one of {', '.join(DETECTORS)}, got '{params.get('detector')}'"
     if params.get('face_pipeline') not in FACE_PIPELINES:
@@ -165,11 +169,6 @@ class VideoEncoderNode(EncoderNode):
                                   "Where faces come from: 'camera' (detect them in image_raw) or 'hri' "
                                   "(hri_face_detect's /humans/faces/<id>/aligned crops; needs hri_msgs).",
                                   choices=INPUT_MODES, read_only=True)
-        p['image_topic'] = declare(self, 'image_topic', 'image_raw',
-                                   'sensor_msgs/Image input topic; empty = do not subscribe.', read_only=True)
-        p['compressed_topic'] = declare(self, 'compressed_topic', 'image_raw/compressed',
-                                        'sensor_msgs/CompressedImage (JPEG/PNG) input topic; empty = do not '
-                                        'subscribe.', read_only=True)
         p['max_rate'] = declare(self, 'max_rate', DEFAULT_MAX_RATE_HZ,
                                 'Most frames processed per second (Hz); 0 = as fast as the encoder runs. '
                                 'Frames beyond it are dropped (newest kept).',
@@ -214,36 +213,34 @@ class VideoEncoderNode(EncoderNode):
     def _start_camera(self) -> None:
         p = self.params
         overrides = QoSOverridingOptions.with_default_policies()
-        if p['image_topic']:
-            self.create_subscription(Image, p['image_topic'], self.submit, SENSOR_QOS,
-                                     qos_overriding_options=overrides)
-        if p['compressed_topic']:
-            self.create_subscription(CompressedImage, p['compressed_topic'], self.submit, SENSOR_QOS,
-                                     qos_overriding_options=overrides)
+        self.create_subscription(Image, topics.IMAGE, self.submit, SENSOR_QOS,
+                                 qos_overriding_options=overrides)
+        self.create_subscription(CompressedImage, topics.IMAGE_COMPRESSED, self.submit, SENSOR_QOS,
+                                 qos_overriding_options=overrides)
         bridge = 'cv_bridge' if image_conversion.cv_bridge_available() else 'the NumPy converter'
         mode = ('single-person' if p['max_faces'] == 1 else f"up to {p['max_faces']} faces")
-        self.get_logger().info(f"encoding frames from '{p['image_topic']}' / '{p['compressed_topic']}' "
-                               f"(raw images via {bridge}; {p['face_pipeline']} faces, {mode}) at most "
+        self.get_logger().info(f"encoding frames from '{self.resolve_topic_name(topics.IMAGE)}' and its "
+                               f"compressed topic (raw images via {bridge}; {p['face_pipeline']} faces, "
+                               f"{mode}) at most "
                                f'{p["max_rate"] or "unlimited"} Hz')
 
     def _start_hri(self, hri) -> None:
         self._crops: dict = {}        # face id -> newest aligned crop not yet encoded
         self._crop_subscriptions: dict = {}
         self._crops_lock = threading.Lock()
-        self.create_subscription(hri.IdsList, f'{HRI_FACES}/tracked', self._on_tracked_faces, SENSOR_QOS)
-        self.get_logger().info(f'encoding the aligned face crops of {HRI_FACES}/tracked (ROS4HRI)')
+        self.create_subscription(hri.IdsList, topics.HRI_TRACKED_FACES, self._on_tracked_faces, SENSOR_QOS)
+        self.get_logger().info(f'encoding the aligned face crops of {topics.HRI_TRACKED_FACES} (ROS4HRI)')
 
     # ------------------------------------------------------------ parameters
 
     def _apply(self, changed: dict) -> None:
+        """Accepted run-time updates: the tracker settings (max_rate and the rest are read when used)."""
         self.apply_common(changed)
-        for name in ('max_rate', 'track_timeout_s', 'detection_interval'):
-            if name in changed:
-                self.params[name] = changed[name]
         tracked = getattr(self.faces, 'tracker', None)
-        if tracked is not None:
-            tracked.timeout_s = float(self.params['track_timeout_s'])
-            self.faces.detection_interval = int(self.params['detection_interval'])
+        if tracked is not None and 'track_timeout_s' in changed:
+            tracked.timeout_s = float(changed['track_timeout_s'])
+        if tracked is not None and 'detection_interval' in changed:
+            self.faces.detection_interval = int(changed['detection_interval'])
 
     def _min_interval(self) -> float:
         rate = self.params['max_rate']
@@ -307,7 +304,7 @@ class VideoEncoderNode(EncoderNode):
         for face_id in ids:
             if face_id not in self._crop_subscriptions:
                 self._crop_subscriptions[face_id] = self.create_subscription(
-                    Image, f'{HRI_FACES}/{face_id}/aligned',
+                    Image, hri_aligned_topic(face_id),
                     lambda msg, face_id=face_id: self._on_aligned_face(face_id, msg), SENSOR_QOS)
         self.submit(ids)
 
