@@ -14,6 +14,7 @@ IMAGE_COMPRESSED = IMAGE + COMPRESSED_SUFFIX  # sensor_msgs/CompressedImage
 AUDIO_STREAM = 'audio'                       # audio_common_msgs/AudioDataStamped or AudioData
 AUDIO_INFO = 'audio_info'                    # audio_common_msgs/AudioInfo
 SPEECH = 'speech'                            # std_msgs/String
+GROUND_TRUTH = 'affect/ground_truth'         # affective_msgs/ValenceArousal in recordings, per stream_id
 
 # ---- what the suite publishes
 EMBEDDINGS = {modality: f'affect/embedding/{modality}' for modality in (VIDEO, AUDIO, TEXT)}

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from affective_trm_ros import topics
 from affective_trm_ros.core.alignment import AlignmentConfig
 from affective_trm_ros.core.audio import AudioDecodeError, AudioFormat, AudioStreamProcessor
 from affective_trm_ros.core.encoders.base import Encoder
@@ -72,12 +73,12 @@ DEFAULT_AUDIO = AudioOptions()
 class BagTopics:
     """Topic names in the bag (with or without the leading '/')."""
 
-    image: str = 'image_raw'
-    compressed_image: str = 'image_raw/compressed'  # used when `image` is not recorded
-    audio: str = 'audio'
-    audio_info: str = 'audio_info'
-    speech: str = 'speech'
-    ground_truth: str = 'affect/ground_truth'
+    image: str = topics.IMAGE
+    compressed_image: str = topics.IMAGE_COMPRESSED  # used when `image` is not recorded
+    audio: str = topics.AUDIO_STREAM
+    audio_info: str = topics.AUDIO_INFO
+    speech: str = topics.SPEECH
+    ground_truth: str = topics.GROUND_TRUTH
 
 
 @dataclass

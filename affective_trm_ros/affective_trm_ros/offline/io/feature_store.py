@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from affective_trm_ros.core.checkpoint import normalize_encoder_spec  # one check of a spec, shared
 from affective_trm_ros.core.modalities import FEATURE_ORDER
 
 STORE_FORMAT = 'affective_trm_feature_store'
@@ -32,35 +33,6 @@ INDEX_NAME = 'index.json'
 SESSIONS_DIR = 'sessions'
 # Session ids become file names: keep them portable.
 _SESSION_ID_PATTERN = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
-# Keys every encoder-spec entry must carry.
-_SPEC_KEYS = ('modality', 'encoder', 'dim')
-
-
-def normalize_encoder_spec(spec) -> list:
-    """Validate an encoder spec and return it as a list of plain dicts in FEATURE_ORDER.
-
-    An encoder spec lists, per modality present, ``{'modality', 'encoder' (plugin id), 'dim'}``.
-    Extra keys are kept. Modalities must be known, unique and in FEATURE_ORDER.
-    """
-    if not spec:
-        raise ValueError('the encoder spec is empty: at least one modality is needed')
-    entries = []
-    for entry in spec:
-        missing = [key for key in _SPEC_KEYS if key not in entry]
-        if missing:
-            raise ValueError(f'encoder spec entry {entry!r} lacks {missing}')
-        if entry['modality'] not in FEATURE_ORDER:
-            raise ValueError(
-                f"unknown modality '{entry['modality']}' in encoder spec; known: {FEATURE_ORDER}"
-            )
-        if int(entry['dim']) <= 0:
-            raise ValueError(f'encoder spec dim must be positive, got {entry["dim"]} for {entry["modality"]}')
-        entries.append({**entry, 'dim': int(entry['dim'])})
-    modalities = [entry['modality'] for entry in entries]
-    expected = [name for name in FEATURE_ORDER if name in modalities]
-    if modalities != expected:
-        raise ValueError(f'encoder spec modalities {modalities} must be unique and in the order {expected}')
-    return entries
 
 
 def validate_session(session_id: str, dims: dict, timestamps, features: dict, mask, labels) -> tuple:
