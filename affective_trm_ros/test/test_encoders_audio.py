@@ -183,14 +183,25 @@ def egemaps():
 
 
 def speech(pitch: int = 50, amplitude: int = 100, seconds: float = 1.0) -> np.ndarray:
-    """One second of real synthetic speech: espeak-ng saying a sentence, 16 kHz float mono."""
-    from affective_trm_ros.offline.synthetic.sample_sessions import espeak_available, synthesize
-    if not espeak_available():
+    """Real synthetic speech: espeak-ng saying a sentence (pitch 0-99, amplitude 0-200 on espeak's
+    scales), ``seconds`` long from the first sound, 16 kHz float mono."""
+    import io
+    import shutil
+    import subprocess
+    import wave as wav
+
+    from scipy.signal import resample_poly
+    if shutil.which('espeak-ng') is None:
         pytest.skip('espeak-ng is not installed (apt-get install espeak-ng)')
-    wave = synthesize('I really did not expect to see you here today', rate_wpm=170, pitch=pitch,
-                      amplitude=amplitude, sample_rate=16000)
-    start = int(np.argmax(np.abs(wave) > 0.01))   # skip the leading silence
-    return wave[start:start + int(16000 * seconds)]
+    command = ['espeak-ng', '--stdout', '-s', '170', '-p', str(pitch), '-a', str(amplitude),
+               'I really did not expect to see you here today']
+    out = subprocess.run(command, capture_output=True, check=True).stdout
+    with wav.open(io.BytesIO(out)) as reader:
+        rate = reader.getframerate()
+        samples = np.frombuffer(reader.readframes(reader.getnframes()), np.int16) / 32768.0
+    samples = resample_poly(samples, 16000 // np.gcd(16000, rate), rate // np.gcd(16000, rate))
+    start = int(np.argmax(np.abs(samples) > 0.01))   # skip the leading silence
+    return samples[start:start + int(16000 * seconds)].astype(np.float32)
 
 
 def test_egemaps_equals_opensmiles_own_functionals(egemaps):
