@@ -20,6 +20,7 @@ from rclpy.time import Time
 
 from affective_trm_ros.core import audio as audio_core
 from affective_trm_ros.core.modalities import AUDIO
+from affective_trm_ros.core.stamps import stamp_to_seconds
 from affective_trm_ros.nodes.common import LATCHED_QOS, SENSOR_QOS, add_validator, declare, run_node
 from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
 from affective_trm_ros.topics import AUDIO_INFO, AUDIO_STREAM
@@ -59,10 +60,6 @@ def validate_parameters(params: dict) -> Optional[str]:
     if not params.get('max_lag_s', 0.0) > 0:
         return f"max_lag_s must be > 0, got {params.get('max_lag_s')}"
     return None
-
-
-def stamp_to_seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 def seconds_to_stamp(seconds: float):
@@ -116,8 +113,8 @@ class AudioEncoderNode(EncoderNode):
             raise ValueError(f'invalid parameters: {error}')
         AudioData, AudioDataStamped, AudioInfo = audio_messages()
         add_validator(self, validate_parameters)
-        # The built-in Dasheng encoder has its own RMS silence check; give it the same level.
-        self.load_plugin({'silence_threshold': 10.0 ** (p['silence_threshold_dbfs'] / 20.0)})
+        # The built-in Dasheng encoder has its own RMS silence check: it gets the same level (load_plugin).
+        self.load_plugin()
         sample_rate_out = int(getattr(self.encoder, 'sample_rate', None)
                               or audio_core.DEFAULT_SAMPLE_RATE_OUT)
         self.processor = audio_core.AudioStreamProcessor(sample_rate_out, p['window_s'], p['hop_s'],

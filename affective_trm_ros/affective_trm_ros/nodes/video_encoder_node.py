@@ -48,15 +48,15 @@ from affective_trm_ros.core.encoders.face import (
     DETECTORS,
     FaceCropEncoder,
 )
+from affective_trm_ros.core.encoders.loading import video_faces_from_parameters
 from affective_trm_ros.core.face_pipeline import (
     DEFAULT_DETECTION_INTERVAL,
     DEFAULT_DETECTION_SCALE,
     DEFAULT_TRACK_TIMEOUT_S,
     FACE_PIPELINES,
-    FullFrameFaces,
-    make_tracked_faces,
 )
 from affective_trm_ros.core.modalities import VIDEO
+from affective_trm_ros.core.stamps import stamp_to_seconds
 from affective_trm_ros.nodes.common import SENSOR_QOS, add_validator, declare, run_node
 from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_common
 
@@ -124,10 +124,6 @@ def roi_of(box) -> RegionOfInterest:
                             height=max(0, int(round(box.y2)) - y1))
 
 
-def stamp_seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
 class VideoEncoderNode(EncoderNode):
     """Newest-frame-only face encoder, one stream per tracked face; see the module docstring."""
 
@@ -140,22 +136,14 @@ class VideoEncoderNode(EncoderNode):
             raise ValueError(f'invalid parameters: {error}')
         add_validator(self, validate_parameters, self._apply)
         hri = hri_messages() if p['input_mode'] == 'hri' else None   # fail before loading any model
-        self.load_plugin({name: p[name] for name in
-                          ('detector', 'face_margin', 'min_face_size', 'min_face_confidence')})
+        self.load_plugin()
         self.faces = None
         crops_needed = p['input_mode'] == 'hri' or p['face_pipeline'] == 'tracked'
         if crops_needed and not isinstance(self.encoder, FaceCropEncoder):
             raise ValueError(f"plugin '{p['plugin']}' cannot encode face crops (no encode_faces): "
                              f"use it with input_mode 'camera' and face_pipeline 'full_frame'")
-        if p['input_mode'] == 'camera':
-            self.faces = (FullFrameFaces(self.encoder) if p['face_pipeline'] == 'full_frame' else
-                          make_tracked_faces(self.encoder, p['detector'], self.encoder.device,
-                                             min_face_size=p['min_face_size'],
-                                             min_face_confidence=p['min_face_confidence'],
-                                             detection_scale=p['detection_scale'], max_faces=p['max_faces'],
-                                             track_timeout_s=p['track_timeout_s'],
-                                             detection_interval=p['detection_interval'],
-                                             face_margin=p['face_margin']))
+        if p['input_mode'] == 'camera':   # the face path offline preparation builds from the same parameters
+            self.faces = video_faces_from_parameters(self.encoder, p)
         # Capacity 1: the worker always takes the newest frame; a newer one replaces a waiting one.
         self.start(capacity=1, min_interval_s=self._min_interval)
         if hri is not None:
@@ -269,7 +257,7 @@ class VideoEncoderNode(EncoderNode):
             if self.single_person:
                 self.publish_embedding(msg.header.stamp, msg.header.frame_id, None)
             return
-        frame = self.faces.process(rgb, stamp_seconds(msg.header.stamp))
+        frame = self.faces.process(rgb, stamp_to_seconds(msg.header.stamp))
         if frame.retired:
             self.count('retired_faces', len(frame.retired))
         if self.single_person:

@@ -25,6 +25,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from affective_msgs.msg import ValenceArousal
 from affective_trm_ros.core import image as image_conversion
 from affective_trm_ros.core.face_overlay import FaceBox, draw_face_boxes
+from affective_trm_ros.core.stamps import stamp_to_seconds
 from affective_trm_ros.core.va_overlay import Estimate, draw_va_overlay
 from affective_trm_ros.nodes.common import (
     RELIABLE_QOS,
@@ -41,10 +42,6 @@ NODE_NAME = 'visualizer'
 TRANSPORTS = ('raw', 'compressed')
 #: Output images: reliable (what rqt_image_view and RViz ask for by default), shallow (images are big).
 IMAGE_OUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE)
-
-
-def stamp_to_seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class VisualizerNode(Node):
