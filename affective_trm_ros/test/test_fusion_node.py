@@ -383,16 +383,17 @@ def run_live(h, seconds: float, video_on=lambda e: True, audio_on=lambda e: True
     clock = h.fusion.get_clock()
     period = 1.0 / 30
     published = []
-    last = {AUDIO: -1.0, TEXT: -1.0}
+    due = {AUDIO: 0.0, TEXT: 0.0}    # on a fixed schedule: a late loop iteration does not shift it
     start = time.monotonic()
     frame = 0
     while (elapsed := time.monotonic() - start) < seconds:
         now_ns = clock.now().nanoseconds
         for modality, on in ((AUDIO, audio_on), (TEXT, text_on)):
-            if on is not None and modality in h.fusion._used and elapsed - last[modality] >= hop_s:
-                if on(elapsed):
+            if on is not None and modality in h.fusion._used and elapsed >= due[modality]:
+                if on(due[modality]):
                     h.publish(modality, now_ns, feature(modality, elapsed))
-                last[modality] = elapsed
+                while due[modality] <= elapsed:
+                    due[modality] += hop_s
         if video_on(elapsed):
             h.publish(VIDEO, now_ns, feature(VIDEO, elapsed))
             published.append((now_ns, elapsed))
@@ -458,7 +459,7 @@ def test_text_encoder_dies_and_returns(harness_factory, cpu_hog, attempt):
     assert [stamp_ns(m) for m in outputs] == [s for s, _ in published]
     outage = [b for e, b in bits.items() if text_off[0] + 0.6 + 0.1 <= e < text_off[1] - 0.1]
     assert outage and all(b == 1 for b in outage), 'text must be masked once it is too old'
-    after = [b for e, b in bits.items() if text_off[1] + 0.1 <= e]
+    after = [b for e, b in bits.items() if text_off[1] + 0.25 <= e]
     assert after and all(b == 1 | 4 for b in after), 'text must come back when its encoder returns'
 
 

@@ -209,3 +209,19 @@ def test_recurrent_baselines_keep_their_state_in_slots_too():
 def test_missing_checkpoint_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match='missing.pt'):
         FusionPredictor(tmp_path / 'missing.pt', device='cpu')
+
+
+def test_the_checkpoint_records_the_audio_policy_of_its_training_features(trained, tmp_path):
+    from affective_trm_ros.core.checkpoint import audio_policy_of_sessions
+
+    path = save_checkpoint(tmp_path / 'causal.pt', trained, SPEC, audio_policy='causal')
+    assert load_checkpoint(path).audio_policy == 'causal'
+    assert FusionPredictor(path, device='cpu').audio_policy == 'causal'
+    with pytest.raises(ValueError, match="audio_policy must be one of .*'sideways'"):
+        save_checkpoint(tmp_path / 'bad.pt', trained, SPEC, audio_policy='sideways')
+    # from prepared sessions' meta (what feature preparation stores); none recorded = nearest
+    assert audio_policy_of_sessions([{'alignment': {'audio_policy': 'causal'}}] * 2) == 'causal'
+    assert audio_policy_of_sessions([{'alignment': {'audio_slop_s': 0.3}}, {}]) == 'nearest'
+    assert audio_policy_of_sessions([]) is None
+    with pytest.raises(ValueError, match=r"different audio policies \['causal', 'nearest'\]"):
+        audio_policy_of_sessions([{'alignment': {'audio_policy': 'causal'}}, {}])

@@ -39,18 +39,24 @@ class RecordingRunner:
         return gone
 
 
-def test_due_frames_of_all_streams_go_to_the_model_in_one_call_in_stamp_order():
+def test_due_frames_of_all_streams_go_to_the_model_round_by_round_in_stamp_order():
+    """Round r batches the r-th due frame of every stream (the recurrence allows no fewer calls),
+    and each round's estimates are handed over as soon as they exist."""
     runner = RecordingRunner()
     table = StreamTable(runner, NO_AUDIO_WAIT)
     for k in range(3):
         table.add(VIDEO, 'a', k, vec(k), now_s=0.0)
+    for k in range(2):
         table.add(VIDEO, 'b', k, vec(10 + k), now_s=0.0)
-    estimates = table.run(0.0)
-    assert [c[0] for c in runner.calls] == ['step']
-    assert runner.calls[0][1] == [('a', 0), ('a', 1), ('a', 2), ('b', 10), ('b', 11), ('b', 12)]
+    handed = []
+    estimates = table.run(0.0, on_estimates=lambda done: handed.append(
+        [(e.stream_id, e.step.stamp_s) for e in done] + [len(runner.calls)]))
+    assert [c[1] for c in runner.calls] == [[('a', 0), ('b', 10)], [('a', 1), ('b', 11)], [('a', 2)]]
+    assert handed == [[('a', 0), ('b', 0), 1], [('a', 1), ('b', 1), 2], [('a', 2), 3]]
     assert [(e.stream_id, e.step.stamp_s, e.valence) for e in estimates] == [
-        ('a', 0, 0), ('a', 1, 1), ('a', 2, 2), ('b', 0, 10), ('b', 1, 11), ('b', 2, 12)]
-    assert table.run(0.0) == [] and len(runner.calls) == 1
+        ('a', 0, 0), ('b', 0, 10), ('a', 1, 1), ('b', 1, 11), ('a', 2, 2)]
+    assert table.run(0.0) == [] and len(runner.calls) == 3
+    assert table.counts['model_calls'] == 3 and table.counts['steps'] == 5
 
 
 def test_empty_stream_id_audio_and_text_are_shared_by_every_stream_also_later_ones():
@@ -131,7 +137,7 @@ def test_automatic_resets_travel_with_their_step():
     table.add(VIDEO, 'a', 0.0, vec(1), now_s=0.0)
     table.add(VIDEO, 'a', 5.0, vec(2), now_s=0.0)      # a gap: the model state restarts here
     table.run(0.0)
-    assert runner.calls == [('step', [('a', 1), ('a', 2)], [False, True])]
+    assert runner.calls == [('step', [('a', 1)], [False]), ('step', [('a', 2)], [True])]
 
 
 def test_next_wake_follows_the_arrival_deadline_of_waiting_frames():

@@ -14,8 +14,8 @@ Two sides use it, from two threads:
 * **inference** (one thread): :meth:`StreamTable.run` applies queued resets and frees, retires
   idle streams, takes every step that is due in every stream and runs them through the model in
   as few batched steps as the recurrence allows (the r-th due frame of every stream in step r),
-  and returns the estimates. :meth:`StreamTable.next_wake` says when to call it again at the
-  latest. All model calls happen on this side, in order.
+  handing over each step's estimates as soon as they exist. :meth:`StreamTable.next_wake` says
+  when to call it again at the latest. All model calls happen on this side, in order.
 
 Conventions:
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -175,9 +176,13 @@ class StreamTable:
                     times.append(stream.last_activity_s + self.policy.forget_after_s)
             return min(times) if times else None
 
-    def run(self, now_s: float) -> list:
-        """Apply queued resets, retire idle streams, run every due step; returns the Estimates in
-        stamp order per stream (streams interleaved by batch)."""
+    def run(self, now_s: float, on_estimates: Optional[Callable[[list], None]] = None) -> list:
+        """Apply queued resets, retire idle streams, run every due step; returns the Estimates.
+
+        The due frames run in rounds: round r holds the r-th due frame of every stream, one batched
+        model call (the recurrence allows no fewer). ``on_estimates`` gets each round's Estimates as
+        soon as they exist, so the oldest frames of a burst are not held back by the newer ones.
+        """
         with self._lock:
             self._note_clock(now_s)
             for stream_id, stream in list(self._streams.items()):
@@ -185,14 +190,17 @@ class StreamTable:
                 if not stream.aligner.pending and idle_s + STAMP_TOLERANCE_S >= self.policy.forget_after_s:
                     self._drop(stream_id)
                     self.counts['streams_retired'] += 1
-            due = []
+            rounds: list = []
             for stream_id, stream in self._streams.items():
                 steps = stream.aligner.ready(now_s)
                 if steps:
                     # Releasing counts as activity: a simulated clock that starts after the first
                     # messages must not make a live stream look idle.
                     stream.last_activity_s = max(stream.last_activity_s, now_s)
-                    due.extend((stream_id, step) for step in steps)
+                for index, step in enumerate(steps):
+                    if index == len(rounds):
+                        rounds.append([])
+                    rounds[index].append((stream_id, step))
             frees, self._to_free = self._to_free, []
             resets, self._to_reset = self._to_reset, []
         # Model calls: only here, in the inference thread, in order (outside the lock: ingest
@@ -201,14 +209,18 @@ class StreamTable:
             self.runner.reset(stream_id)
         for stream_id in resets:
             self.runner.reset(stream_id)
-        if not due:
-            return []
-        flags = [step.reset for _, step in due]
-        self.counts['resets_auto'] += sum(flags)
-        outputs = self.runner.step([(stream_id, step.features) for stream_id, step in due], flags)
-        self.counts['steps'] += len(due)
-        self.counts['model_calls'] += 1
-        return [Estimate(stream_id, step, *values) for (stream_id, step), values in zip(due, outputs)]
+        estimates = []
+        for due in rounds:
+            flags = [step.reset for _, step in due]
+            outputs = self.runner.step([(stream_id, step.features) for stream_id, step in due], flags)
+            self.counts['resets_auto'] += sum(flags)
+            self.counts['steps'] += len(due)
+            self.counts['model_calls'] += 1
+            done = [Estimate(stream_id, step, *values) for (stream_id, step), values in zip(due, outputs)]
+            if on_estimates is not None:
+                on_estimates(done)
+            estimates.extend(done)
+        return estimates
 
     # ------------------------------------------------------------ views
 
