@@ -476,6 +476,7 @@ def prepare(out: Path, bags: list, overrides: dict, device: str, progress: bool)
             'options': settings.options,
             'untrained': settings.allow_untrained,
             'weights': settings.weights,
+            'encoder_parameters': settings.encoder_parameters,   # the face path's parameters too
             'audio': asdict(settings.audio),
             'alignment': asdict(settings.alignment),
         }
@@ -500,7 +501,8 @@ def prepare(out: Path, bags: list, overrides: dict, device: str, progress: bool)
     for bag in bags:
         started = time.perf_counter()
         result = prepare_bag(
-            bag, store, encoders, settings.alignment, audio=settings.audio, progress=progress
+            bag, store, encoders, settings.alignment, audio=settings.audio, progress=progress,
+            video_path=settings.video_path(encoders),   # the video node's face path, as in the replay
         )
         elapsed = time.perf_counter() - started
         print(
