@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from affective_trm_ros.core.checkpoint import load_checkpoint
-from affective_trm_ros.core.metrics import regression_report
+from affective_trm_ros.core.metrics import mean_sd, regression_report
 from affective_trm_ros.core.trm import DEFAULT_MODALITY_DIMS
 from affective_trm_ros.offline.io.feature_store import InMemoryStore
 from affective_trm_ros.offline.learning.train import TrainConfig, predict_sessions, to_json_compatible, train
@@ -93,7 +93,8 @@ MODEL_LABELS = {
 
 @dataclass
 class TemporalBenchmarkConfig:
-    seed: int = 0
+    seed: int = 0  # seed of the streams and of the first training run
+    seeds: int = 1  # training seeds per model (seed, seed + 1, ...): the table gives mean +- sd
     small: bool = True  # 16/32/16-dim features; False: the real encoders' 768/1280/768
     train_streams: int = 192
     val_streams: int = 16
@@ -213,7 +214,6 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
 
     Writes ``results.json`` and ``results.md`` into ``config.out_dir``; returns the results dict.
     """
-    import torch
 
     from affective_trm_ros.offline.learning.data import SessionSource
 
@@ -232,43 +232,29 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
     }
     for kind in config.models:
         model_started = time.perf_counter()
-        train_config = TrainConfig(
-            model=kind,
-            model_config=dict(config.model_configs.get(kind, {})),
-            out_dir=str(out_dir / kind),
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            window=config.window,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_fraction=0.05,
-            ema_decay=0.99,
-            patience=config.epochs,
-            modality_dropout=0.1,
-            seed=config.seed,
-            device=config.device,
-            splits=splits,
-            plots=False,
-            progress=config.progress,
-        )
-        result = train(store, train_config)
-        best = load_checkpoint(result.checkpoint_path, device=config.device)
-        predictions = predict_sessions(best.model, test_source, splits['test'], torch.device(config.device))
-        preds = np.concatenate([predictions[sid][0] for sid in splits['test']])
-        truths = np.concatenate([test_source.arrays(sid)[2] for sid in splits['test']])
-        report = regression_report(preds, truths)
+        runs = []
+        for run_seed in range(config.seed, config.seed + max(1, config.seeds)):
+            runs.append(_train_and_test(kind, config, store, splits, test_source, run_seed, out_dir))
+        reports = [run['test'] for run in runs]
+        summary = {name: dict(zip(('ccc_mean', 'ccc_sd'), mean_sd([r[name]['ccc'] for r in reports])))
+                   for name in ('valence', 'arousal', 'mean')}
         results['models'][kind] = {
             'label': MODEL_LABELS.get(kind, kind),
-            'test': report,
-            'best_epoch': result.best_epoch,
-            'val_ccc_mean': result.best_val_ccc,
-            'parameters': best.model.num_parameters(),
+            'test': reports[0],
+            'seeds': [run['seed'] for run in runs],
+            'test_per_seed': reports,
+            'summary': summary,
+            'rmse_mean': mean_sd([r['mean']['rmse'] for r in reports])[0],
+            'pearson_mean': mean_sd([r['mean']['pearson'] for r in reports])[0],
+            'best_epoch': runs[0]['best_epoch'],
+            'val_ccc_mean': runs[0]['val_ccc_mean'],
+            'parameters': runs[0]['parameters'],
             'train_seconds': time.perf_counter() - model_started,
         }
         if config.progress:
             print(
-                f'{kind}: test mean CCC {report["mean"]["ccc"]:.3f} '
-                f'({time.perf_counter() - model_started:.0f} s)',
+                f'{kind}: test mean CCC {summary["mean"]["ccc_mean"]:.3f} ± {summary["mean"]["ccc_sd"]:.3f} '
+                f'over {len(runs)} seed(s) ({time.perf_counter() - model_started:.0f} s)',
                 flush=True,
             )
     results['seconds'] = time.perf_counter() - started
@@ -277,17 +263,57 @@ def run_temporal_benchmark(config: Optional[TemporalBenchmarkConfig] = None, **o
     return results
 
 
+def _train_and_test(kind: str, config: TemporalBenchmarkConfig, store, splits: dict, test_source, seed: int,
+                    out_dir: Path) -> dict:
+    """Train one model with one seed; its metrics on the held-out streams."""
+    import torch
+
+    train_config = TrainConfig(
+        model=kind,
+        model_config=dict(config.model_configs.get(kind, {})),
+        out_dir=str(out_dir / (kind if seed == config.seed else f'{kind}_seed{seed}')),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        window=config.window,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_fraction=0.05,
+        ema_decay=0.99,
+        patience=config.epochs,
+        modality_dropout=0.1,
+        seed=seed,
+        device=config.device,
+        splits=splits,
+        plots=False,
+        progress=config.progress,
+    )
+    result = train(store, train_config)
+    best = load_checkpoint(result.checkpoint_path, device=config.device)
+    predictions = predict_sessions(best.model, test_source, splits['test'], torch.device(config.device))
+    preds = np.concatenate([predictions[sid][0] for sid in splits['test']])
+    truths = np.concatenate([test_source.arrays(sid)[2] for sid in splits['test']])
+    return {'seed': seed, 'test': regression_report(preds, truths), 'best_epoch': result.best_epoch,
+            'val_ccc_mean': result.best_val_ccc, 'parameters': best.model.num_parameters()}
+
+
 def results_markdown(results: dict) -> str:
     """The benchmark's table: CCC (valence, arousal, mean) and RMSE per model on held-out streams."""
+    models = results['models']
+    seeds = max((len(entry.get('seeds', [0])) for entry in models.values()), default=1)
+    heading = f'CCC mean (mean ± sd over {seeds} seeds)' if seeds > 1 else 'CCC mean'
     lines = [
-        '| model | CCC valence | CCC arousal | CCC mean | RMSE mean | Pearson r mean | parameters |',
+        f'| model | CCC valence | CCC arousal | {heading} | RMSE mean | Pearson r mean | parameters |',
         '|---|---|---|---|---|---|---|',
     ]
-    for kind, entry in results['models'].items():
-        test = entry['test']
+    for kind, entry in models.items():
+        summary = entry.get('summary') or {name: {'ccc_mean': entry['test'][name]['ccc'], 'ccc_sd': math.nan}
+                                           for name in ('valence', 'arousal', 'mean')}
+        cells = {name: f'{value["ccc_mean"]:.3f}' + (f' ± {value["ccc_sd"]:.3f}' if seeds > 1 else '')
+                 for name, value in summary.items()}
+        rmse = entry.get('rmse_mean', entry['test']['mean']['rmse'])
+        pearson = entry.get('pearson_mean', entry['test']['mean']['pearson'])
         lines.append(
-            f'| {entry["label"]} (`{kind}`) | {test["valence"]["ccc"]:.3f} | {test["arousal"]["ccc"]:.3f} '
-            f'| **{test["mean"]["ccc"]:.3f}** | {test["mean"]["rmse"]:.3f} | {test["mean"]["pearson"]:.3f} '
-            f'| {entry["parameters"]:,} |'
+            f'| {entry["label"]} (`{kind}`) | {cells["valence"]} | {cells["arousal"]} | **{cells["mean"]}** '
+            f'| {rmse:.3f} | {pearson:.3f} | {entry["parameters"]:,} |'
         )
     return '\n'.join(lines) + '\n'

@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f'output directory (default: {defaults.out_dir})',
     )
     for name, kind, text in (
-        ('seed', int, 'random seed of data and training'),
+        ('seed', int, 'random seed of the streams and of the first training run'),
+        ('seeds', int, 'training seeds per model (the table gives mean ± sd)'),
         ('epochs', int, 'training epochs per model'),
         ('batch_size', int, 'streams per batch'),
         ('train_streams', int, 'training streams'),
@@ -83,6 +84,7 @@ def run(args) -> int:
     model_configs['trm'].update(trm_overrides)
     config = TemporalBenchmarkConfig(
         seed=args.seed,
+        seeds=args.seeds,
         small=not args.full_dims,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -45,9 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='JSON object of model config overrides, e.g. \'{"hidden_size": 256}\'',
     )
     group = parser.add_argument_group('optimisation')
+    group.add_argument('--steps', type=int, default=None,
+                       help='optimiser steps, one per batch (default: --epochs x batches per epoch)')
+    group.add_argument('--eval-every', type=int, default=None,
+                       help='steps between validations (default: once per epoch)')
+    group.add_argument('--reset-after-s', type=float, default=None,
+                       help="a gap longer than this resets the state, as in the fusion node (default: the "
+                            "store's alignment setting)")
+    group.add_argument('--deterministic', action='store_true',
+                       help="PyTorch's deterministic algorithms (CUDA included)")
     for name, kind, text in (
-        ('epochs', int, 'maximum epochs'),
-        ('batch_size', int, 'sessions per batch'),
+        ('epochs', int, 'maximum epochs (passes over the training sessions) when --steps is not given'),
+        ('batch_size', int, 'sessions per batch (one optimiser step; CCC over all of their frames)'),
         ('window', int, 'frames per truncated-BPTT window'),
         ('crop_frames', int, 'train on random crops of at most this many frames per session'),
         ('lr', float, 'peak learning rate (AdamW)'),
@@ -55,9 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ('warmup_fraction', float, 'fraction of steps for the linear warm-up'),
         ('grad_clip', float, 'gradient norm clip (0 = off)'),
         ('ema_decay', float, 'EMA decay of the weights (0 = off)'),
-        ('patience', int, 'early stopping: epochs without validation CCC gain'),
-        ('ccc_weight', float, 'loss weight of (1 - CCC)'),
+        ('patience', int, 'early stopping: validations without a gain of the smoothed validation CCC'),
+        ('smoothing', int, 'early stopping watches the mean of the last this many validation CCCs'),
+        ('ccc_weight', float, 'loss weight of (1 - CCC) over whole sequences'),
         ('mse_weight', float, 'loss weight of MSE'),
+        ('nll_weight', float, 'loss weight of the Gaussian NLL that trains the confidence'),
         ('modality_dropout', float, 'probability of hiding a modality for a window'),
         ('seed', int, 'random seed'),
     ):
@@ -152,7 +163,8 @@ def run(args) -> int:
     report = result.val_report
     ccc = {name: report[name]['ccc'] for name in ('valence', 'arousal', 'mean')}
     print(
-        f'best epoch {result.best_epoch} of {len(result.history)}: validation CCC valence '
+        f'best: step {result.best_step} (validation {result.best_epoch} of {len(result.history)}): '
+        f'validation CCC valence '
         f"{ccc['valence']:.3f}, arousal {ccc['arousal']:.3f}, mean {ccc['mean']:.3f}"
     )
     print(f'checkpoint: {result.checkpoint_path}')
