@@ -36,7 +36,9 @@ from affective_trm_ros.nodes.encoder_node_base import BoundedWorker, plugin_kwar
 
 PLUGINS = Path(__file__).parent / 'fixtures' / 'encoder_node_plugins'
 CONFIG = Path(__file__).parent.parent / 'config'
-TIMEOUT_S = 20.0
+# Deadlines only end a wait that is not going to succeed; generous, so a loaded machine passes.
+TIMEOUT_S = 60.0
+PROCESS_START_TIMEOUT_S = 180.0   # a separate process imports torch and the models first
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -85,9 +87,9 @@ class Harness:
         with self._lock:
             box.append(msg)
 
-    def publisher(self, msg_type, topic, qos=RELIABLE):
+    def publisher(self, msg_type, topic, qos=RELIABLE, timeout_s=TIMEOUT_S):
         pub = self.probe.create_publisher(msg_type, topic, qos)
-        wait_for(lambda: pub.get_subscription_count() > 0, 'the node to subscribe to ' + topic)
+        wait_for(lambda: pub.get_subscription_count() > 0, 'the node to subscribe to ' + topic, timeout_s)
         return pub
 
     def close(self):
@@ -735,7 +737,7 @@ def test_console_script_runs_the_video_node_as_its_own_process(rclpy_context, ro
     h = Harness(rclpy_context, '/separate_process')
     try:
         out = h.collect(ModalityEmbedding, 'affect/embedding/video')
-        raw = h.publisher(Image, 'image_raw')
+        raw = h.publisher(Image, 'image_raw', timeout_s=PROCESS_START_TIMEOUT_S)
         deadline = time.monotonic() + TIMEOUT_S
         while not out and time.monotonic() < deadline:   # best effort input: repeat until answered
             raw.publish(image_msg('rgb8', frame()))
@@ -759,11 +761,11 @@ def test_video_node_benchmark_reports_the_achieved_rate(tmp_path, capsys):
 
     out = tmp_path / 'bench.json'
     assert video_node_bench.main(['--plugin', 'tiny_video', '--fps', '20', '--seconds', '1.0',
-                                  '--warmup', '0.5', '--width', '320', '--height', '240',
-                                  '--json', str(out)]) == 0
+                                  '--warmup', '0.5', '--width', '160', '--height', '120',
+                                  '--face-pipeline', 'full_frame', '--json', str(out)]) == 0
     results = json.loads(out.read_text())
-    # The camera paces itself (a loaded machine only publishes fewer); every frame that was not
-    # dropped is answered, and a tiny frame of one colour is a valid "face" for tiny_video.
+    # The camera paces itself (a loaded machine only publishes fewer); tiny_video on the full
+    # frame answers every frame it gets with a valid embedding (the frame is not black).
     assert results['plugin'] == 'tiny_video@none'
     assert 1 <= results['frames_published'] <= 20 * 1.0 + 1
     assert 0 < results['embeddings'] == results['valid_embeddings'] <= results['frames_published']

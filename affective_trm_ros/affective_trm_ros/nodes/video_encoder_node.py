@@ -48,7 +48,11 @@ from affective_trm_ros.core.encoders.face import (
     DETECTORS,
     FaceCropEncoder,
 )
-from affective_trm_ros.core.encoders.loading import video_faces_from_parameters
+from affective_trm_ros.core.encoders.loading import (
+    DEFAULT_TRACK_ID_PREFIX,
+    video_faces_from_parameters,
+    video_stream_id,
+)
 from affective_trm_ros.core.face_pipeline import (
     DEFAULT_DETECTION_INTERVAL,
     DEFAULT_DETECTION_SCALE,
@@ -64,7 +68,6 @@ from affective_trm_ros.nodes.encoder_node_base import EncoderNode, validate_comm
 DEFAULT_MAX_RATE_HZ = 30.0
 INPUT_MODES = ('camera', 'hri')
 MAX_FACES_LIMIT = 32                 # one batched encoder call per frame must stay affordable
-DEFAULT_TRACK_ID_PREFIX = 'face_'
 
 
 def hri_aligned_topic(face_id: str) -> str:
@@ -262,10 +265,10 @@ class VideoEncoderNode(EncoderNode):
             self.count('retired_faces', len(frame.retired))
         if self.single_person:
             face = frame.faces[0] if frame.faces else None
-            self._publish_face(msg.header, face, self.params['stream_id'], frame.expression_classes)
+            self._publish_face(msg.header, face, video_stream_id(self.params, 0), frame.expression_classes)
             return
         for face in frame.faces:
-            self._publish_face(msg.header, face, f"{self.params['track_id_prefix']}{face.track_id}",
+            self._publish_face(msg.header, face, video_stream_id(self.params, face.track_id),
                                frame.expression_classes)
 
     def _publish_face(self, header, face, stream_id: str, classes: tuple) -> None:
