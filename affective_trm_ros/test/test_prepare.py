@@ -260,7 +260,7 @@ def test_prepare_command_runs_the_real_plugins(tmp_path, capsys):
     )
     output = capsys.readouterr()
     assert code == 0, output.err
-    assert 'untrained' in output.err and '1 written' in output.out
+    assert output.err.startswith('UNTRAINED encoders') and '1 written' in output.out
     store = FeatureStore(tmp_path / 'cli')
     assert [(e['modality'], e['encoder'], e['dim']) for e in store.encoder_spec] == [
         ('audio', 'dasheng_base', 768),
