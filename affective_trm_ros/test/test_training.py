@@ -600,3 +600,15 @@ def test_normalisation_comes_from_the_training_split_only(tmp_path):
     rows = np.concatenate([session.features['audio'][session.mask[:, 0]] for session in sessions])
     np.testing.assert_allclose(model.feature_mean[:4].numpy(), rows.mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(model.feature_std[:4].numpy(), rows.std(0), rtol=1e-4)
+
+
+def test_deterministic_option_turns_on_deterministic_algorithms(store, tmp_path):
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        result = train(store, TrainConfig(model='mlp', model_config=TINY['mlp'], out_dir=str(tmp_path),
+                                          steps=1, deterministic=True, device='cpu', plots=False,
+                                          progress=False))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert load_checkpoint(result.checkpoint_path).metadata['deterministic'] is True
+    finally:
+        torch.use_deterministic_algorithms(before)
