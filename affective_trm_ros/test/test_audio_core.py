@@ -13,6 +13,7 @@ from affective_trm_ros.core.audio import (
     AudioWindow,
     AudioWindower,
     StreamingResampler,
+    dbfs_to_amplitude,
     decode_pcm,
     embed_windows,
     is_silent,
@@ -233,6 +234,9 @@ def test_levels_and_silence():
     assert is_silent(np.zeros(100, np.float32), -60.0)
     assert is_silent(np.zeros(0, np.float32), -60.0)
     assert is_silent(square * 1e-4, -60.0) and not is_silent(square * 1e-2, -60.0)
+    # the audio node hands plugins its dBFS level as an RMS amplitude: the inverse of rms_dbfs
+    assert dbfs_to_amplitude(-20.0) == pytest.approx(0.1) and dbfs_to_amplitude(0.0) == 1.0
+    assert rms_dbfs(square * dbfs_to_amplitude(-37.5)) == pytest.approx(-37.5)
 
 
 # ---------------------------------------------------------------- per message
