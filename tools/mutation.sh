@@ -11,6 +11,8 @@
 # working tree is never touched and every module gets its own test selection. Afterwards:
 #   cd build/mutation/<module> && mutmut results        # surviving mutants
 #   cd build/mutation/<module> && mutmut show <mutant>  # the diff of one mutant
+#   tools/mutation.sh --retest trm   # after adding tests: rerun only that module's survivors
+#                                    # (the same mutated source, the current tests)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,9 +42,11 @@ declare -A TESTS=(
 ORDER=(metrics trm alignment predictor losses train)
 
 usage() {
-  echo "usage: tools/mutation.sh all | MODULE [MODULE ...]   (modules: ${ORDER[*]})" >&2
+  echo "usage: tools/mutation.sh [--retest] all | MODULE [MODULE ...]   (modules: ${ORDER[*]})" >&2
   exit 2
 }
+retest=0
+[[ "${1:-}" == --retest ]] && { retest=1; shift; }
 (( $# )) || usage
 command -v mutmut >/dev/null || { echo 'mutation.sh: mutmut not found; source tools/env.sh first' >&2; exit 1; }
 modules=("$@")
@@ -54,10 +58,23 @@ done
 summary=()
 for name in "${modules[@]}"; do
   work="$work_root/$name"
-  rm -rf "$work"
-  mkdir -p "$work"
-  # A plain copy of the package and its tests; mutmut imports the mutated copy from mutants/.
-  tar -C "$package" --exclude=__pycache__ -cf - affective_trm_ros test | tar -C "$work" -xf -
+  selected=()
+  if (( retest )); then
+    meta="$work/mutants/affective_trm_ros/${SOURCE[$name]}.meta"
+    [[ -f "$meta" ]] || { echo "mutation.sh: no earlier run in $work" >&2; exit 1; }
+    rm -rf "$work/test"
+    tar -C "$package" --exclude=__pycache__ -cf - test | tar -C "$work" -xf -
+    mapfile -t selected < <(python3 -c 'import json, sys
+for key, code in json.load(open(sys.argv[1]))["exit_code_by_key"].items():
+    if code == 0:  # survived
+        print(key)' "$meta")
+    (( ${#selected[@]} )) || { echo "== $name: no surviving mutants to retest"; continue; }
+  else
+    rm -rf "$work"
+    mkdir -p "$work"
+    # A plain copy of the package and its tests; mutmut imports the mutated copy from mutants/.
+    tar -C "$package" --exclude=__pycache__ -cf - affective_trm_ros test | tar -C "$work" -xf -
+  fi
   tests=()
   for t in ${TESTS[$name]}; do [[ -f "$work/$t" ]] && tests+=("$t"); done
   {
@@ -71,9 +88,10 @@ for name in "${modules[@]}"; do
     echo 'pytest_add_cli_args ='
     printf '    %s\n' -p no:cacheprovider -p no:randomly -q
   } > "$work/setup.cfg"
-  echo "== $name: mutating ${SOURCE[$name]} against ${tests[*]}"
+  echo "== $name: mutating ${SOURCE[$name]} against ${tests[*]}${selected:+ (retesting ${#selected[@]} survivors)}"
   start=$SECONDS
-  (cd "$work" && OMP_NUM_THREADS=1 nice -n 10 mutmut run --max-children "$jobs" > run.log 2>&1) || {
+  (cd "$work" && OMP_NUM_THREADS=1 nice -n 10 mutmut run --max-children "$jobs" "${selected[@]}" \
+     > run.log 2>&1) || {
     echo "mutation.sh: mutmut failed for $name; see $work/run.log" >&2
     tail -n 30 "$work/run.log" >&2
     exit 1

@@ -15,6 +15,7 @@ helpers is called):
 * outputs ``tanh(head(y_readout))`` and ``sigmoid(certainty(y_readout))``, 0 with no modality.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -33,6 +34,7 @@ from affective_trm_ros.core.trm import (
     rms_norm,
     rope_cos_sin,
     sigma_from_confidence,
+    split_state,
     stack_states,
     straight_through_clamp,
     swiglu_width,
@@ -271,3 +273,66 @@ def test_reset_state_and_state_helpers_errors_and_copies():
         model.forward_sequence(torch.zeros(1, D), torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r'x \(B, T, D\)'):
         model.forward_sequence(torch.zeros(1, 2, D), torch.ones(1, 3, 3, dtype=torch.bool))
+
+
+def test_seed_configuration_in_full():
+    config = TRMConfig.seed({'audio': 4, 'video': 6})
+    assert dataclasses.asdict(config) == {
+        'modality_dims': {'audio': 4, 'video': 6}, 'hidden_size': 512, 'num_heads': 8, 'num_layers': 2,
+        'expansion': 4.0, 'h_cycles': 2, 'l_cycles': 1, 'grad_cycles': 2, 'mixer': 'attention',
+        'state_gradient': 'identity', 'carry_gate': False, 'seed_compatible': True, 'rms_norm_eps': 1e-5,
+        'rope_theta': 10000.0}
+    assert isinstance(build_model(config), SeedTRM)
+
+
+def test_state_helpers_on_plain_tuple_states_and_single_states():
+    plain = (torch.ones(2, 3), torch.zeros(2, 1))   # a state that is not a NamedTuple
+    copied = clone_state(plain)
+    assert type(copied) is tuple and len(copied) == 2
+    torch.testing.assert_close(copied[0], plain[0])
+    assert copied[0].data_ptr() != plain[0].data_ptr()
+    parts = split_state(plain, 2)
+    assert type(parts[1]) is tuple and parts[1][0].shape == (1, 3)
+    single = TRMState(torch.ones(1, 2), torch.zeros(1, 2))
+    stacked = stack_states([single])
+    torch.testing.assert_close(stacked.y, single.y)
+    with pytest.raises(ValueError, match='^stack_states needs at least one state$'):
+        stack_states([])
+
+
+def test_normalisation_is_checked_in_float32_and_both_sizes_are_checked():
+    model = randomised_model()
+    huge = torch.zeros(D, dtype=torch.float64)
+    huge[3] = 1e300  # finite in float64, infinite once stored as float32
+    with pytest.raises(ValueError, match='^normalisation statistics contain NaN or infinite values$'):
+        model.set_normalization(huge, torch.ones(D))
+    with pytest.raises(ValueError, match='NaN or infinite'):
+        model.set_normalization(torch.zeros(D), huge + 1.0)
+    with pytest.raises(ValueError, match=f'has {D} means and 4 stds'):
+        model.set_normalization(torch.zeros(D), torch.ones(4))
+    with pytest.raises(ValueError, match=f'has 4 means and {D} stds'):
+        model.set_normalization(torch.zeros(4), torch.ones(D))
+
+
+def test_reset_flags_may_be_any_truthy_values():
+    model = randomised_model()
+    with torch.no_grad():
+        mask = torch.ones(2, 3, dtype=torch.bool)
+        _, _, state = model.step(torch.randn(2, D), mask, model.initial_state(2))
+    reset = model.reset_state(state, [0, 1])
+    torch.testing.assert_close(reset.y[1], model.y_init.detach())
+    torch.testing.assert_close(reset.y[0], state.y[0])
+
+
+def test_seed_network_normalises_with_eps_1e_5_even_for_tiny_states():
+    """Inputs with a mean square of 1e-6: the RMSNorm epsilon (1e-5) dominates, so a different
+    epsilon changes the output by about 3x; one token, so attention is o_proj(v)."""
+    torch.manual_seed(0)
+    config = TRMConfig.seed({'video': 8})
+    config = dataclasses.replace(config, hidden_size=16, num_heads=2)
+    model = SeedTRM(config).eval()
+    sd = {k.replace('L_level.', 'net.'): v for k, v in model.state_dict().items()}
+    h = 1e-3 * torch.randn(3, 1, 16)
+    with torch.no_grad():
+        out = model.L_level(h, torch.zeros_like(h), (model.rope_cos, model.rope_sin))
+    torch.testing.assert_close(out, reference_net(sd, config, h, torch.zeros_like(h)), atol=1e-5, rtol=1e-4)
