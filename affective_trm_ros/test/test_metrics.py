@@ -127,3 +127,59 @@ def test_loss_without_supervised_frames_is_zero_and_keeps_graph():
     parts = CCCMSELoss()(pred, torch.full((2, 5, 2), float('nan')))
     assert parts.frames == 0 and parts.loss.item() == 0.0
     parts.loss.backward()
+
+
+def test_spearman_matches_scipy_with_ties_and_nans():
+    from scipy.stats import spearmanr
+
+    from affective_trm_ros.core.metrics import spearman
+
+    rng = np.random.default_rng(3)
+    a = np.round(rng.normal(size=200), 1)  # many ties
+    b = a + rng.normal(scale=0.5, size=200)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    a_nan = a.copy()
+    a_nan[:10] = np.nan
+    assert spearman(a_nan, b) == pytest.approx(spearmanr(a[10:], b[10:]).statistic, abs=1e-12)
+    assert math.isnan(spearman([1.0], [2.0]))
+
+
+def test_mean_sd_is_the_sample_standard_deviation():
+    from affective_trm_ros.core.metrics import mean_sd
+
+    assert mean_sd([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2))
+    mean, sd = mean_sd([0.4, float('nan')])
+    assert mean == 0.4 and math.isnan(sd)
+
+
+def test_bootstrap_ci_over_sessions_brackets_the_pooled_value():
+    from affective_trm_ros.core.metrics import bootstrap_sessions_ci, regression_report
+
+    rng = np.random.default_rng(0)
+    truths = [np.clip(rng.normal(0, 0.5, (100, 2)), -1, 1) for _ in range(6)]
+    good = [[t + rng.normal(0, 0.2, t.shape) for t in truths] for _ in range(2)]  # two runs (seeds)
+    low, high = bootstrap_sessions_ci(good, truths, resamples=300)
+    pooled = np.mean([regression_report(np.concatenate(run), np.concatenate(truths))['mean']['ccc']
+                      for run in good])
+    assert low <= pooled <= high and 0 < high - low < 0.3
+    # one session far worse than the rest widens the interval
+    bad = [[t + rng.normal(0, 0.2, t.shape) for t in truths[:-1]] + [-truths[-1]] for _ in range(2)]
+    low_bad, high_bad = bootstrap_sessions_ci(bad, truths, resamples=300)
+    assert high_bad - low_bad > high - low
+    assert all(math.isnan(v) for v in bootstrap_sessions_ci([[run[0]] for run in good], truths[:1]))
+
+
+def test_confidence_vs_error_orders_bins_and_skips_frames_without_input():
+    from affective_trm_ros.core.metrics import confidence_vs_error
+
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(-1, 1, (500, 2))
+    error_scale = rng.uniform(0.01, 0.5, 500)
+    pred = truth + rng.normal(size=(500, 2)) * error_scale[:, None]
+    confidence = 1.0 / (1.0 + error_scale / 0.25)
+    confidence[:50] = 0.0  # no input: left out
+    result = confidence_vs_error(confidence, pred, truth, bins=5)
+    assert result['n'] == 450 and result['spearman'] < -0.5
+    errors = [b['mean_abs_error'] for b in result['bins']]
+    assert errors == sorted(errors, reverse=True)  # higher confidence, smaller error
+    assert sum(b['frames'] for b in result['bins']) == 450

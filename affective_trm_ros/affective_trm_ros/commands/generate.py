@@ -6,6 +6,8 @@ import argparse
 import time
 
 from affective_trm_ros.offline.synthetic.sample_sessions import (
+    HELDOUT_VOICES,
+    TRAINING_VOICES,
     SessionConfig,
     SpeechSynthesisError,
     espeak_available,
@@ -29,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='share of the time the face is out of the frame')
     parser.add_argument('--speech-fraction', type=float, default=defaults.speech_fraction,
                         help='share of the time someone speaks')
+    parser.add_argument('--occlusion-fraction', type=float, default=defaults.occlusion_fraction,
+                        help='share of the time a hand covers the mouth or the eyes')
+    parser.add_argument('--voice', default=defaults.voice,
+                        help=f'espeak-ng voice (default: {defaults.voice}; training voices: '
+                             f"{', '.join(TRAINING_VOICES)}; held-out voices: {', '.join(HELDOUT_VOICES)})")
+    parser.add_argument('--sentence-set', choices=('train', 'heldout'), default=defaults.sentence_set,
+                        help='sentence bank: training or held-out sentences (no sentence is in both)')
+    parser.add_argument('--people', type=int, default=defaults.people,
+                        help='faces side by side, each with its own script; ground truth per stream_id '
+                             "(face_0, face_1, ... left to right; 'default' for one person)")
+    parser.add_argument('--variety', action='store_true',
+                        help='per-session distance, mirroring, tint, lighting level and speaking style')
     parser.add_argument('--overwrite', action='store_true', help='replace existing bags of the same name')
     parser.add_argument('--quiet', action='store_true', help='no progress bars')
 
@@ -44,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = SessionConfig(duration_s=args.duration, fps=args.fps, storage=args.storage,
                                face_absent_fraction=args.face_absent_fraction,
-                               speech_fraction=args.speech_fraction)
+                               speech_fraction=args.speech_fraction,
+                               occlusion_fraction=args.occlusion_fraction,
+                               voice=args.voice, sentence_set=args.sentence_set, people=args.people,
+                               variety=args.variety)
     except ValueError as error:
         print(f'error: {error}')
         return 2
