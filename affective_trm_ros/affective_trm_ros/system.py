@@ -155,9 +155,17 @@ def parameter_files(spec: NodeSpec, system_config=None, directory: Optional[Path
 
 
 def parameter_overrides(spec: NodeSpec, *, modalities=None, checkpoint: str = '', device: str = '',
-                        use_sim_time: Optional[bool] = None) -> dict:
-    """Parameters the arguments set on one node (empty arguments leave the files' values)."""
+                        use_sim_time: Optional[bool] = None, encoders: str = '') -> dict:
+    """Parameters the arguments set on one node (empty arguments leave the files' values).
+
+    ``encoders``: an encoder set and/or per-modality plugins (core.encoders.sets), e.g. 'offline'.
+    """
+    from affective_trm_ros.core.encoders.sets import chosen_plugin
+
     overrides = {}
+    plugin = chosen_plugin(encoders, spec.modality) if encoders and spec.modality else None
+    if plugin:
+        overrides['plugin'] = plugin
     if use_sim_time is not None:
         overrides['use_sim_time'] = bool(use_sim_time)
     if device and spec.has_device:
@@ -242,7 +250,8 @@ class PlannedNode:
 def plan(config=None, *, only=None, modalities='video,audio,text', visualizer: bool = False,
          hri_expression: bool = False, checkpoint: str = '', device: str = '',
          use_sim_time: Optional[bool] = None, topics: Optional[dict] = None,
-         parameters: Optional[dict] = None, config_directory: Optional[Path] = None) -> list:
+         parameters: Optional[dict] = None, config_directory: Optional[Path] = None,
+         encoders: str = '') -> list:
     """[PlannedNode] for the nodes to start, without starting them."""
     config = Path(config) if config else (Path(config_directory or config_dir()) / SYSTEM_CONFIG)
     modalities = parse_modalities(modalities)
@@ -254,7 +263,7 @@ def plan(config=None, *, only=None, modalities='video,audio,text', visualizer: b
     for spec in select_nodes(modalities, visualizer=visualizer, only=only, hri_expression=hri_expression):
         files = parameter_files(spec, config, config_directory)
         overrides = parameter_overrides(spec, modalities=modalities, checkpoint=checkpoint, device=device,
-                                        use_sim_time=use_sim_time)
+                                        use_sim_time=use_sim_time, encoders=encoders)
         overrides.update(parameters.get(spec.name, {}))
         result.append(PlannedNode(spec, files, overrides, topic_remappings(spec, topics)))
     return result
@@ -273,6 +282,8 @@ SYSTEM_ARGUMENTS = {
     'config': ('', f"system parameter file applied over config/<node>.yaml ('' = config/{SYSTEM_CONFIG})"),
     'checkpoint': ('', "fusion checkpoint file ('' = from the config)"),
     'modalities': ('video,audio,text', 'modalities to run: encoders started and fused (video required)'),
+    'encoders': ('', "encoder set (default, offline) and/or plugins, e.g. 'offline,text=embeddinggemma' "
+                     "('' = from the config)"),
     'visualizer': ('false', 'also start the visualizer (affect/visualization image)'),
     'hri_expression': ('false', 'also publish ROS4HRI hri_msgs/Expression on /humans/faces/<id>/expression '
                                 '(needs hri_msgs)'),
@@ -327,7 +338,8 @@ def _system_nodes(context, force_sim_time: bool = False) -> list:
     for spec in select_nodes(modalities, visualizer=parse_bool(values['visualizer']),
                              hri_expression=parse_bool(values['hri_expression'])):
         overrides = parameter_overrides(spec, modalities=modalities, checkpoint=values['checkpoint'],
-                                        device=values['device'], use_sim_time=sim)
+                                        device=values['device'], use_sim_time=sim,
+                                        encoders=values['encoders'])
         node = _ros_node(spec, values, parameter_files(spec, system_config), overrides,
                          topic_remappings(spec, topic_values))
         actions += _required(node, 'the fusion node') if spec.name == 'fusion' else [node]
@@ -355,6 +367,8 @@ def node_launch_description(name: str):
         arguments['modalities'] = ('', "modalities to fuse ('' = from the config)")
     for topic in spec.topic_arguments:
         arguments[topic] = SYSTEM_ARGUMENTS[topic]
+    if spec.modality:
+        arguments['encoders'] = SYSTEM_ARGUMENTS['encoders']
     if not spec.has_device:
         del arguments['device']
 
@@ -362,7 +376,8 @@ def node_launch_description(name: str):
         values = {n: context.launch_configurations.get(n, default) for n, (default, _) in arguments.items()}
         overrides = parameter_overrides(
             spec, modalities=values.get('modalities') or None, checkpoint=values.get('checkpoint', ''),
-            device=values.get('device', ''), use_sim_time=parse_bool(values['use_sim_time']))
+            device=values.get('device', ''), use_sim_time=parse_bool(values['use_sim_time']),
+            encoders=values.get('encoders', ''))
         node = _ros_node(spec, values, [values['config']], overrides,
                          topic_remappings(spec, {t: values[t] for t in spec.topic_arguments}))
         return _required(node, f'the {spec.name} node')  # the launch file's only node

@@ -144,3 +144,26 @@ def test_missing_weights_advice_names_the_command_line_fixes(tmp_path, monkeypat
     other = loading.alternatives_advice()
     assert '--encoders offline' in other and '--allow-untrained' in other
     assert 'allow_untrained=True' not in advice + other
+
+
+def test_a_running_system_takes_an_encoder_choice(capsys):
+    from affective_trm_ros.cli import main
+    from affective_trm_ros.core.encoders.sets import chosen_plugin
+    from affective_trm_ros.system import SYSTEM_ARGUMENTS, plan
+
+    assert chosen_plugin('offline', 'audio') == 'egemaps'
+    assert chosen_plugin('offline,text=embeddinggemma', 'text') == 'embeddinggemma'
+    assert chosen_plugin('video=fer_mini_xception', 'audio') is None      # left to the parameter files
+    with pytest.raises(EncoderChoiceError, match='modalities argument'):
+        chosen_plugin('audio=none', 'audio')
+    overrides = {step.spec.name: step.overrides for step in plan(encoders='offline,text=embeddinggemma')}
+    assert overrides['video_encoder']['plugin'] == 'fer_mini_xception'
+    assert overrides['audio_encoder']['plugin'] == 'egemaps'
+    assert overrides['text_encoder']['plugin'] == 'embeddinggemma'
+    assert 'plugin' not in overrides['fusion']
+    assert all('plugin' not in o for o in {s.spec.name: s.overrides for s in plan()}.values())
+    assert 'encoders' in SYSTEM_ARGUMENTS      # affective_trm.launch.py encoders:=offline
+    assert main(['run', '--encoders', 'offline', '--dry-run']) == 0
+    assert "overrides {'plugin': 'fer_mini_xception'}" in capsys.readouterr().out
+    assert main(['run', '--encoders', 'smell=nose', '--dry-run']) == 2
+    assert "unknown modality 'smell'" in capsys.readouterr().err

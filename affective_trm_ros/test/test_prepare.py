@@ -18,14 +18,14 @@ from affective_trm_ros.offline.extraction.crema_d import (
     prepare_crema_d,
 )
 from affective_trm_ros.offline.extraction.pipeline import ExtractionConfig, SessionExtractor
-from affective_trm_ros.offline.io.feature_store import FeatureStore
-from affective_trm_ros.offline.io.media import MediaError, load_container_audio, load_wav, read_video_frames
 from affective_trm_ros.offline.extraction.video_csv import (
     LabelFileError,
     labels_for_frames,
     prepare_video,
     read_label_csv,
 )
+from affective_trm_ros.offline.io.feature_store import FeatureStore
+from affective_trm_ros.offline.io.media import MediaError, load_container_audio, load_wav, read_video_frames
 
 FPS = 15
 SAMPLE_RATE = 16000

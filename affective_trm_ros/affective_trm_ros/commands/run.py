@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                      'cuda:N (default: from the config)')
     parser.add_argument('--modalities', default='video,audio,text',
                         help='modalities to run and fuse (default: video,audio,text; video required)')
+    parser.add_argument('--encoders', default='',
+                        help="encoder set (default, offline) and/or plugins, e.g. "
+                             "'offline,text=embeddinggemma' (default: from the config); the checkpoint must "
+                             'have been trained with them')
     parser.add_argument('--visualizer', action='store_true', help='also run the visualizer node')
     parser.add_argument('--hri-expression', action='store_true',
                         help='also publish ROS4HRI hri_msgs/Expression per face (needs hri_msgs)')
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                       checkpoint=args.checkpoint, device=args.device,
                       use_sim_time=True if args.use_sim_time else None,
                       topics={name: getattr(args, name) for name in TOPIC_ARGUMENTS},
-                      parameters=parse_assignments(args.assignments), config_directory=args.config_dir)
+                      parameters=parse_assignments(args.assignments), config_directory=args.config_dir,
+                      encoders=args.encoders)
         steps = plan(args.config, **kwargs)
     except (ValueError, FileNotFoundError) as error:
         print(f'error: {error}', file=sys.stderr)

@@ -100,6 +100,20 @@ def resolve_encoder_choice(choice: Optional[str] = None, *, base: Optional[Mappi
     return resolved
 
 
+def chosen_plugin(choice: Optional[str], modality: str) -> Optional[str]:
+    """The plugin ``choice`` names for ``modality`` (itself or through a set), None when it names none.
+
+    For a running system (launch files, ``affective-trm run``), where the modalities argument says
+    which encoders start: ``none`` there is refused with that hint.
+    """
+    set_name, explicit = parse_encoder_choice(choice)
+    plugin = explicit.get(modality) or (ENCODER_SETS[set_name].get(modality) if set_name else None)
+    if plugin == NONE:
+        raise EncoderChoiceError(f"'{choice}': leave {modality} out of a running system with the modalities "
+                                 f'argument, not {modality}={NONE}')
+    return plugin
+
+
 def explicitly_chosen(choice: Optional[str] = None, **per_modality: Optional[str]) -> set:
     """The modalities ``choice`` and ``per_modality`` name one by one (not through a set)."""
     _, explicit = parse_encoder_choice(choice)
