@@ -18,3 +18,13 @@ DEFAULT_ENCODERS = {VIDEO: 'hsemotion_enet_b0', AUDIO: 'dasheng_base', TEXT: 'em
 def bits_to_names(bits: int) -> list:
     """Bitmask -> present modality names in FEATURE_ORDER."""
     return [name for name in FEATURE_ORDER if bits & MODALITY_BITS[name]]
+
+
+def check_modalities(names, what: str = 'modalities') -> list:
+    """``names`` as a list when every one is a known modality; ValueError naming the others otherwise."""
+    names = list(names)
+    unknown = [name for name in names if name not in FEATURE_ORDER]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(repr(name) for name in unknown)}; "
+                         f"expected some of {', '.join(FEATURE_ORDER)}")
+    return names

