@@ -216,7 +216,7 @@ def test_create_nodes_applies_files_overrides_and_namespace(checkpoint, tmp_path
     nodes = create_nodes(custom, only='fusion,visualizer', checkpoint=checkpoint, device='cpu',
                          modalities='video,text', use_sim_time=True, namespace='robot1',
                          parameters={'fusion': {'text_max_age_s': 4.0}}, context=rclpy_context,
-                         config_directory=CONFIG_DIR)
+                         config_directory=CONFIG_DIR, topics={'image_topic': '/cam/image'})
     try:
         fusion, visualizer = nodes
         assert fusion.get_fully_qualified_name() == '/robot1/fusion'
@@ -226,6 +226,9 @@ def test_create_nodes_applies_files_overrides_and_namespace(checkpoint, tmp_path
         assert fusion.get_parameter('modalities').value == ['video', 'text']
         assert fusion.get_parameter('use_sim_time').value is True
         assert visualizer.get_parameter('trail_length').value == 7
+        # The image_topic argument remaps the visualizer's camera input (an absolute name: no namespace).
+        subscribed = dict(visualizer.get_subscriber_names_and_types_by_node('visualizer', '/robot1'))
+        assert '/cam/image' in subscribed and '/robot1/image_raw' not in subscribed
     finally:
         for node in nodes:
             node.destroy_node()
@@ -239,6 +242,11 @@ def test_run_command_dry_run(capsys):
     out = capsys.readouterr().out
     assert out.startswith('fusion: ') and 'fusion.yaml' in out and "'checkpoint': 'x.pt'" in out
     assert cli_main(['run', '--dry-run', '--modalities', 'text']) == 2
+    assert cli_main(['run', '--dry-run', '--only', 'text,visualizer', '--speech-topic', '/asr/text',
+                     '--image-topic', '/cam/image']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith('; remappings speech:=/asr/text'), out[0]
+    assert out[1].endswith('remappings image_raw:=/cam/image, image_raw/compressed:=/cam/image/compressed')
 
 
 def test_run_command_serves_the_fusion_over_dds(checkpoint, rclpy_context):

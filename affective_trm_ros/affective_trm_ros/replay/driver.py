@@ -8,9 +8,11 @@ log-time order, each preceded by ``/clock`` = its log time, so nodes running wit
   deterministic: after a video frame the driver waits for that frame's video embedding; after an
   audio message for the audio embeddings its windows produce (counted with the same
   ``core.audio`` windowing the audio node runs); after a speech message for its text embedding.
-  Before each message it waits until every frame older than ``clock - max_wait`` has its
-  ``ValenceArousal`` — due by the fusion policy — which bounds the frames in flight. At the end
-  the clock is advanced past the last frame + ``max_wait`` so the last frames are released.
+  Before each message it waits until every frame published before ``clock - max_wait`` has its
+  ``ValenceArousal`` — due by the fusion policy, which measures the wait from a frame's arrival —
+  which bounds the frames in flight, and (nodes in this process) until every node's clock reads
+  the new ``/clock``. At the end the clock is advanced past the last frame + ``max_wait`` so the
+  last frames are released.
 * **real time** (``rate`` x wall clock): messages leave on schedule and nothing is waited for;
   nodes that cannot keep up drop frames as they would live, and the coverage shows it.
 
@@ -65,6 +67,8 @@ SETTLE_S = 0.02
 # Real time: once the bag is published, the video encoder counts as finished when no embedding
 # has come for this long.
 IDLE_AFTER_S = 1.0
+# ... and encoded frames without an estimate count as shed by the fusion after this long quiet.
+UNANSWERED_AFTER_S = 5.0
 # A frame whose embedding has not come back after this many times the median encode time (and
 # at least MIN_RETRY_S) is published again: best-effort camera QoS may lose a large image. The
 # aligner drops a duplicate stamp, so a frame that was only slow is not fused twice.
@@ -125,10 +129,11 @@ class ReplayDriver(Node):
     ``inputs``: role -> (topic, message type name) for the roles present in the bag.
     ``audio_params``: the audio node's window_s, hop_s, stamp_tolerance_s, max_lag_s and the
     stream format parameters (to count the windows each audio message completes).
-    ``node_clocks``: the clocks of the nodes under test when they run in this process. Before a
-    message that a node stamps on arrival (speech, headerless audio) the driver then waits until
-    every clock reads the message's log time, so the stamp never depends on thread timing;
-    without them it waits SETTLE_S and hopes.
+    ``node_clocks``: the clocks of the nodes under test when they run in this process. Before each
+    message (as fast as possible) the driver then waits until every clock reads the message's log
+    time, so what the nodes stamp on arrival (speech, headerless audio, the fusion's arrival times)
+    never depends on thread timing; without them it waits SETTLE_S before the messages stamped on
+    arrival.
     """
 
     def __init__(self, inputs: dict, *, max_wait_s: float, audio_params: Optional[dict] = None,
@@ -267,15 +272,23 @@ class ReplayDriver(Node):
                     time.sleep(delay)
             self._publish_clock(clock_ns)
             if not realtime:
+                # The fusion releases a frame at the latest max_wait after its video embedding
+                # arrived on the node's clock (not after its stamp: a camera clock may be ahead or
+                # behind). The fusion takes the embedding at the clock the frame was published at
+                # or, when its executor is a little behind the driver's, at the clock of the next
+                # message: that later one bounds the deadline, so the driver never holds the clock
+                # for a frame the fusion may rightly still keep.
+                frames = [(f, clock_ns if at is None else at) for f, at in frames]
                 due_ns = clock_ns - self._max_wait_ns
                 self._wait(lambda pending=frames, due=due_ns: all(f in self._output_stamps
-                                                                  for f in pending if f <= due),
+                                                                  for f, at in pending if at <= due),
                            'ValenceArousal for the frames due by the fusion policy (is the fusion node '
                            'running?)', clock_ns)
-                frames = [f for f in frames if f not in self._output_stamps]
-                if item.role == ROLE_SPEECH or (item.role == ROLE_AUDIO
-                                                and self._input_types[ROLE_AUDIO] == AUDIO_DATA_TYPE):
-                    self._settle_clocks(clock_ns)  # stamped on arrival by the node clock
+                frames = [(f, at) for f, at in frames if f not in self._output_stamps]
+                # Every node takes this /clock before the message: arrival times on the nodes'
+                # clocks, hence text stamps and the fusion's release rounds, never depend on
+                # thread timing.
+                self._settle_clocks(clock_ns, item.role)
             publisher = self._input_pubs[item.role]
             publisher.publish(item.data)
             record.messages_published += 1
@@ -283,7 +296,7 @@ class ReplayDriver(Node):
                 stamp_ns = header_stamp_ns(item.data)
                 record.frame_publish_wall[stamp_ns] = time.perf_counter()
                 record.frames_published += 1
-                frames.append(stamp_ns)
+                frames.append((stamp_ns, None))   # its arrival bound: the next message's clock
                 if progress:
                     progress(1)
                 if self._memory_probe and record.frames_published % 300 == 0:
@@ -317,10 +330,12 @@ class ReplayDriver(Node):
             record.memory_mb.append((record.frames_published, self._memory_probe()))
         return record
 
-    def _settle_clocks(self, clock_ns: int) -> None:
+    def _settle_clocks(self, clock_ns: int, role: str) -> None:
         """Wait until the nodes' clocks read ``clock_ns`` (see ``node_clocks``)."""
         if not self._node_clocks:
-            time.sleep(SETTLE_S)
+            headerless_audio = role == ROLE_AUDIO and self._input_types[ROLE_AUDIO] == AUDIO_DATA_TYPE
+            if role == ROLE_SPEECH or headerless_audio:
+                time.sleep(SETTLE_S)   # stamped on arrival by the node clock
             return
         self._wait(lambda: all(clock.now().nanoseconds >= clock_ns for clock in self._node_clocks),
                    f'the nodes taking /clock = {clock_ns / 1e9:.3f} s (use_sim_time)', clock_ns)
@@ -330,17 +345,22 @@ class ReplayDriver(Node):
         end_ns = clock_ns + self._max_wait_ns + int(END_MARGIN_S * 1e9)
         self._publish_clock(end_ns)
         if realtime:
-            # Frames the video node dropped never get an estimate: wait until it has gone quiet and
-            # every frame it encoded has its estimate.
+            # Frames dropped on the way (the video node keeps the newest frame; an overloaded fusion
+            # sheds) never get an estimate: wait until every frame has one, or until the video
+            # node and the fusion have both gone quiet.
             all_frames = set(self.record.frame_publish_wall)
 
             def settled() -> bool:
-                if not self._video_seen <= self._output_stamps:
-                    return False
                 if all_frames and not self._video_seen:
                     return False  # the video node keeps the newest frame: it has not answered yet
-                last = max(self.record.embedding_wall.values(), default=0.0)
-                return all_frames <= self._video_seen or time.perf_counter() - last > IDLE_AFTER_S
+                if all_frames <= self._output_stamps:
+                    return True
+                last_outputs = [output[6] for output in self.record.outputs[-1:]]
+                quiet_s = time.perf_counter() - max([*self.record.embedding_wall.values(), *last_outputs],
+                                                    default=0.0)
+                if self._video_seen <= self._output_stamps:
+                    return quiet_s > IDLE_AFTER_S
+                return quiet_s > UNANSWERED_AFTER_S   # encoded frames the fusion shed
 
             self._wait(settled, 'ValenceArousal for every encoded frame', end_ns)
             return
