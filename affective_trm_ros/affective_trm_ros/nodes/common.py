@@ -176,10 +176,12 @@ class ThrottledWarning:
 
 # ---------------------------------------------------------------- main()
 
-def spin_nodes(nodes: Iterable[Node], num_threads: Optional[int] = None) -> None:
-    """Spin nodes on one multi-threaded executor until shutdown; always clean up."""
+def spin_nodes(nodes: Iterable[Node], num_threads: Optional[int] = None,
+               executor_factory: Optional[Callable[[], object]] = None) -> None:
+    """Spin nodes on one executor until shutdown (multi-threaded unless ``executor_factory`` makes
+    another, e.g. a single-threaded one for a node whose callbacks only hand over); always clean up."""
     nodes = list(nodes)
-    executor = MultiThreadedExecutor(num_threads=num_threads)
+    executor = executor_factory() if executor_factory else MultiThreadedExecutor(num_threads=num_threads)
     for node in nodes:
         executor.add_node(node)
     try:
@@ -213,8 +215,10 @@ def startup_logger_name(argv: Sequence[str], default: str) -> str:
     return '.'.join([part for part in namespace.split('/') if part] + [name])
 
 
-def run_node(node_factory: Callable[[], Node], args=None, name: Optional[str] = None) -> int:
-    """The one main() shape: init, build the node, spin a multi-threaded executor, shut down.
+def run_node(node_factory: Callable[[], Node], args=None, name: Optional[str] = None,
+             executor_factory: Optional[Callable[[], object]] = None) -> int:
+    """The one main() shape: init, build the node, spin an executor (multi-threaded unless
+    ``executor_factory`` makes another), shut down.
 
     A node that fails to start (bad parameter, missing weights) logs why under the node's own
     name (``name``, default the executable's name, as the suite names its nodes, or the name a
@@ -232,5 +236,5 @@ def run_node(node_factory: Callable[[], Node], args=None, name: Optional[str] = 
         rclpy.logging.get_logger(startup_logger_name(argv, default)).fatal(f'failed to start: {error}')
         rclpy.try_shutdown()
         return 1
-    spin_nodes([node])
+    spin_nodes([node], executor_factory=executor_factory)
     return 0

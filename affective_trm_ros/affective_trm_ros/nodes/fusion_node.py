@@ -487,8 +487,18 @@ def _check_static_parameters(params: dict) -> None:
                          f'{AUDIO_POLICIES}')
 
 
+def ingest_executor():
+    """The fusion node's executor: its callbacks only hand messages over, so one thread is enough.
+
+    Not rclpy's experimental EventsExecutor: with rclpy 7.1 (Jazzy) it kept a core busy in an idle
+    fusion process and did not stop on SIGINT.
+    """
+    from rclpy.executors import SingleThreadedExecutor
+    return SingleThreadedExecutor()
+
+
 def main(args=None) -> int:
-    return run_node(FusionNode, args=args)
+    return run_node(FusionNode, args=args, name=NODE_NAME, executor_factory=ingest_executor)
 
 
 if __name__ == '__main__':
