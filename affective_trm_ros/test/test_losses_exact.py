@@ -136,7 +136,8 @@ def test_nll_term_is_added_with_its_weight_only_when_asked_for():
     with_nll = CCCMSELoss(nll_weight=0.1)(pred, labels, frames, confidence)
     assert used == 5 and with_nll.nll == pytest.approx(nll.item(), rel=1e-6)
     assert with_nll.loss.item() == pytest.approx(base + 0.1 * nll.item(), rel=1e-6)
-    assert CCCMSELoss(nll_weight=0.0)(pred, labels, frames, confidence).loss.item() == pytest.approx(base)
+    without = CCCMSELoss(nll_weight=0.0)(pred, labels, frames, confidence)
+    assert without.loss.item() == pytest.approx(base) and math.isnan(without.nll)
     assert math.isnan(CCCMSELoss(nll_weight=0.1)(pred, labels, frames).nll)
     no_input = CCCMSELoss(nll_weight=0.1)(pred, labels, frames, torch.zeros(2, 3))
     assert no_input.loss.item() == pytest.approx(base) and math.isnan(no_input.nll)
@@ -153,3 +154,51 @@ def test_loss_argument_errors():
         CCCMSELoss(nll_weight=-0.1)
     assert CCCMSELoss(ccc_weight=0.0, mse_weight=1.0).ccc_weight == 0.0
     assert CCCMSELoss(ccc_weight=1.0, mse_weight=0.0).mse_weight == 0.0
+
+
+def test_a_dimension_with_a_single_supervised_frame():
+    # One labelled valence frame: its CCC is 0 (no spread), its MSE the squared error, and it
+    # still counts in the loss; arousal has three frames.
+    pred = torch.tensor([[[0.5, 0.0], [0.2, 0.5], [0.1, 1.0]]])
+    labels = torch.tensor([[[0.2, 0.0], [float('nan'), 0.5], [float('nan'), 1.0]]])
+    value = masked_ccc(pred, labels, torch.isfinite(labels))
+    assert value[0].item() == 0.0 and value[1].item() == pytest.approx(1.0, abs=1e-6)
+    parts = CCCMSELoss()(pred, labels)
+    assert parts.mse[0].item() == pytest.approx(0.09, rel=1e-5)
+    # valence: (1 - 0) + 0.25 * 0.09; arousal: (1 - 1) + 0; mean over both dimensions.
+    assert parts.loss.item() == pytest.approx((1 + 0.25 * 0.09) / 2, rel=1e-5)
+    assert parts.frames == 3
+
+
+def test_confidence_nll_uses_the_signed_error_over_the_labelled_dimensions_only():
+    pred = torch.tensor([[0.5, 0.3], [0.4, 0.9]])
+    labels = torch.tensor([[0.1, 0.1], [-0.2, float('nan')]])
+    confidence = torch.tensor([0.5, 0.5])
+    nll, used = confidence_nll(pred, labels, confidence, torch.isfinite(labels))
+    # e^2: (0.16 + 0.04) / 2 = 0.1 and 0.36 (one labelled dimension); sigma = ref for both.
+    expected = math.log(REF) + (0.1 + 0.36) / 2 / (2 * REF ** 2)
+    assert used == 2 and nll.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_nothing_to_learn_gives_an_exact_zero():
+    pred = torch.ones(1, 3, 2, requires_grad=True)
+    labels = torch.full((1, 3, 2), float('nan'))
+    nll, used = confidence_nll(pred, labels, torch.full((1, 3), 0.7), torch.isfinite(labels))
+    assert used == 0 and nll.item() == 0.0
+    parts = CCCMSELoss(nll_weight=0.5)(pred, labels, None, torch.full((1, 3), 0.7))
+    assert parts.loss.item() == 0.0 and parts.frames == 0 and math.isnan(parts.nll)
+    assert parts.ccc.tolist() == [0.0, 0.0] and parts.mse.tolist() == [0.0, 0.0]
+    parts.loss.backward()
+    assert pred.grad.abs().sum() == 0
+
+
+def test_default_weights_and_equal_weights():
+    pred, labels, frames = batch()
+    loss = CCCMSELoss()
+    assert (loss.ccc_weight, loss.mse_weight, loss.nll_weight) == (1.0, 0.25, 0.0)
+    # By default a given confidence is not trained: no NLL term.
+    with_confidence = loss(pred, labels, frames, torch.full((2, 3), 0.5))
+    assert math.isnan(with_confidence.nll)
+    assert with_confidence.loss.item() == pytest.approx(hand_loss(pred.detach(), labels, frames), rel=1e-5)
+    equal = CCCMSELoss(ccc_weight=1.0, mse_weight=1.0)(pred, labels, frames)
+    assert equal.loss.item() == pytest.approx(hand_loss(pred.detach(), labels, frames, 1.0, 1.0), rel=1e-5)
