@@ -334,6 +334,10 @@ def test_video_node_with_the_built_in_encoder_untrained(harness, tmp_path, monke
     assert all(m.encoder == 'hsemotion_enet_b0@untrained' for m in out)
     assert len(out[0].data) == 1280 and np.all(np.isfinite(out[0].data))
     assert out[0].roi.width > 50 and out[0].roi.height > 50 and out[1].roi.width == 0
+    # HSEmotion's own 8-class head, as probabilities; nothing without a face.
+    assert len(out[0].expression_classes) == 8 == len(out[0].expression_probabilities)
+    assert sum(out[0].expression_probabilities) == pytest.approx(1.0, abs=1e-4)
+    assert len(out[1].expression_classes) == 0 == len(out[1].expression_probabilities)
 
 
 # ---------------------------------------------------------------- several faces (real photographs, MTCNN)
