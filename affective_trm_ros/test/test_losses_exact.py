@@ -202,3 +202,11 @@ def test_default_weights_and_equal_weights():
     assert with_confidence.loss.item() == pytest.approx(hand_loss(pred.detach(), labels, frames), rel=1e-5)
     equal = CCCMSELoss(ccc_weight=1.0, mse_weight=1.0)(pred, labels, frames)
     assert equal.loss.item() == pytest.approx(hand_loss(pred.detach(), labels, frames, 1.0, 1.0), rel=1e-5)
+
+
+def test_ccc_epsilon_floors_the_denominator_of_nearly_constant_series():
+    # Identical series with variance 0.5e-8: 2 cov / (var_p + var_t + eps) = 1e-8 / 2e-8 = 0.5.
+    a = math.sqrt(0.5e-8)
+    series = torch.tensor([[-a, -a], [a, a]], dtype=torch.float64)
+    value = masked_ccc(series, series.clone(), torch.ones(2, 2, dtype=torch.bool))
+    torch.testing.assert_close(value, torch.tensor([0.5, 0.5], dtype=torch.float64), rtol=1e-9, atol=0)
