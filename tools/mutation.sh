@@ -37,7 +37,19 @@ declare -A TESTS=(
   [alignment]="test/test_alignment.py test/test_alignment_exact.py"
   [predictor]="test/test_predictor.py"
   [losses]="test/test_metrics.py test/test_losses_exact.py"
-  [train]="test/test_training.py"
+  [train]="test/test_training.py::test_truncated_bptt_in_train_carries_the_state_from_window_to_window
+           test/test_training.py::test_saved_checkpoint_holds_the_moving_average_of_the_weights
+           test/test_training.py::test_normalisation_comes_from_the_training_split_only
+           test/test_training.py::test_one_step_gets_the_gradient_of_the_whole_sequence_loss
+           test/test_training.py::test_resets_are_honoured_in_training
+           test/test_training.py::test_schedule_and_config_validation
+           test/test_training.py::test_training_lowers_the_loss_and_writes_its_files"
+)
+# module -> the functions whose mutants run (default: all of the file). train.py also holds
+# evaluation and bookkeeping; the loop is what its tests state.
+declare -A MUTANTS=(
+  [train]="*.x_train__mutmut_* *.x_sequence_loss_backward__mutmut_* *WeightEMA* *.x_lr_factor__mutmut_*
+           *.x_run_with_resets__mutmut_* *.x_run_sequence__mutmut_* *.x_parameter_groups__mutmut_*"
 )
 # module -> tests left out: slow ones whose claims the selected tests already state exactly (each
 # surviving mutant runs every selected test that reaches it)
@@ -75,13 +87,17 @@ for key, code in json.load(open(sys.argv[1]))["exit_code_by_key"].items():
         print(key)' "$meta")
     (( ${#selected[@]} )) || { echo "== $name: no surviving mutants to retest"; continue; }
   else
+    set -f  # the patterns are for mutmut, not for the shell
+    # shellcheck disable=SC2206
+    selected=(${MUTANTS[$name]:-})
+    set +f
     rm -rf "$work"
     mkdir -p "$work"
     # A plain copy of the package and its tests; mutmut imports the mutated copy from mutants/.
     tar -C "$package" --exclude=__pycache__ -cf - affective_trm_ros test | tar -C "$work" -xf -
   fi
   tests=()
-  for t in ${TESTS[$name]}; do [[ -f "$work/$t" ]] && tests+=("$t"); done
+  for t in ${TESTS[$name]}; do [[ -f "$work/${t%%::*}" ]] && tests+=("$t"); done
   {
     echo '[mutmut]'
     echo 'source_paths = affective_trm_ros'
@@ -94,7 +110,9 @@ for key, code in json.load(open(sys.argv[1]))["exit_code_by_key"].items():
     printf '    %s\n' -p no:cacheprovider -p no:randomly -q
     for t in ${DESELECT[$name]:-}; do printf '    --deselect\n    %s\n' "$t"; done
   } > "$work/setup.cfg"
-  echo "== $name: mutating ${SOURCE[$name]} against ${tests[*]}${selected:+ (retesting ${#selected[@]} survivors)}"
+  what="${selected:+ (only ${selected[*]})}"
+  (( retest )) && what=" (retesting ${#selected[@]} survivors)"
+  echo "== $name: mutating ${SOURCE[$name]} against ${tests[*]}$what"
   start=$SECONDS
   (cd "$work" && OMP_NUM_THREADS=1 nice -n 10 mutmut run --max-children "$jobs" "${selected[@]}" \
      > run.log 2>&1) || {
