@@ -157,3 +157,25 @@ def test_replay_command_in_real_time_writes_a_report(bag, checkpoint, tmp_path, 
     assert report['wall_s'] >= 6.0 / 2 - 0.1                  # the schedule was kept
     assert (out / 'estimates.csv').is_file() and (out / 'va_plane.png').is_file()
     assert 'coverage' in capsys.readouterr().out
+
+
+def test_replay_of_a_two_person_bag_reports_each_person(checkpoint, tmp_path_factory):
+    """Two faces, each with its own scripted affect: one stream per face, each scored against its
+    own ground truth, coverage per person, metrics pooled over both."""
+    from affective_trm_ros.replay.session import ReplayOptions, replay_bag
+
+    bag = tmp_path_factory.mktemp('two_people') / 'session'
+    ss.generate_session(bag, ss.SessionConfig(duration_s=5.0, seed=5, fps=10.0, segment_s=1.5, people=2,
+                                              face_absent_fraction=0.0))
+    parameters = {k: dict(v) for k, v in OVERRIDES.items() if v}
+    parameters['video_encoder']['max_faces'] = 2
+    outcome = replay_bag(bag, checkpoint, tmp_path_factory.mktemp('replay_two'),
+                         ReplayOptions(allow_untrained=True, parameters=parameters, progress=False,
+                                       timeout_s=60.0))
+    people = outcome.report['people']
+    assert sorted(people) == ['face_0', 'face_1']
+    for person in people.values():
+        assert person['coverage'] == 1.0 and person['labelled_frames'] == 50
+        assert person['metrics']['valence']['n'] == 50
+    assert outcome.report['metrics']['valence']['n'] == 100        # pooled over both people
+    assert '## People' in outcome.files['markdown'].read_text()
