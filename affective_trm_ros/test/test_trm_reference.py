@@ -83,7 +83,7 @@ def reference_net(sd, config, h, injection):
     return h
 
 
-def reference_step(sd, config, x, mask, y, z):
+def reference_tokens(sd, config, x, mask):
     xn = (x - sd['feature_mean']) / sd['feature_std']
     tokens, start = [], 0
     for m, dim in enumerate(config.modality_dims.values()):
@@ -91,21 +91,33 @@ def reference_step(sd, config, x, mask, y, z):
         tokens.append(torch.where(mask[:, m:m + 1], projected, sd['absent_tokens'][m]))
         start += dim
     tokens.append(torch.zeros_like(tokens[0]))
-    x_tokens = torch.stack(tokens, 1) + sd['token_embedding']
+    return torch.stack(tokens, 1) + sd['token_embedding']
+
+
+def reference_cycle(sd, config, x_tokens, y, z):
+    for _ in range(config.l_cycles):
+        z = reference_net(sd, config, z, y + x_tokens)
+    return reference_net(sd, config, y, z), z
+
+
+def reference_heads(sd, y, mask):
+    readout = y[:, -1]
+    va = torch.tanh(readout @ sd['output_head.weight'].T + sd['output_head.bias'])
+    logit = (readout @ sd['certainty_head.weight'].T + sd['certainty_head.bias'])[:, 0]
+    return va, torch.sigmoid(logit) * mask.any(-1).float()
+
+
+def reference_step(sd, config, x, mask, y, z):
+    x_tokens = reference_tokens(sd, config, x, mask)
     y_prev, z_prev = y, z
     for _ in range(config.h_cycles):
-        for _ in range(config.l_cycles):
-            z = reference_net(sd, config, z, y + x_tokens)
-        y = reference_net(sd, config, y, z)
+        y, z = reference_cycle(sd, config, x_tokens, y, z)
     if config.carry_gate:
         def gate(name, old, new):
             g = torch.sigmoid(torch.cat([old, new], -1) @ sd[name + '.weight'].T + sd[name + '.bias'])
             return old + g * (new - old)
         y, z = gate('carry_gate_y', y_prev, y), gate('carry_gate_z', z_prev, z)
-    readout = y[:, -1]
-    va = torch.tanh(readout @ sd['output_head.weight'].T + sd['output_head.bias'])
-    logit = (readout @ sd['certainty_head.weight'].T + sd['certainty_head.bias'])[:, 0]
-    confidence = torch.sigmoid(logit) * mask.any(-1).float()
+    va, confidence = reference_heads(sd, y, mask)
     return va, confidence, y, z
 
 
@@ -122,7 +134,8 @@ def randomised_model(seed=0, **overrides) -> StatefulTRM:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=g))
-        model.set_normalization(torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5)
+        dim = model.input_dim
+        model.set_normalization(torch.randn(dim, generator=g), torch.rand(dim, generator=g) + 0.5)
     return model
 
 
@@ -336,3 +349,55 @@ def test_seed_network_normalises_with_eps_1e_5_even_for_tiny_states():
     with torch.no_grad():
         out = model.L_level(h, torch.zeros_like(h), (model.rope_cos, model.rope_sin))
     torch.testing.assert_close(out, reference_net(sd, config, h, torch.zeros_like(h)), atol=1e-5, rtol=1e-4)
+
+
+def test_one_modality_model_matches_the_reference():
+    model = randomised_model(modality_dims={'video': 6})
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x, mask = torch.randn(2, 6), torch.tensor([[True], [False]])
+    state = model.initial_state(2)
+    with torch.no_grad():
+        va, confidence, _ = model.step(x, mask, state)
+        ref_va, ref_confidence, _, _ = reference_step(sd, model.config, x, mask, state.y, state.z)
+    torch.testing.assert_close(va, ref_va, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(confidence, ref_confidence, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('grad_cycles', [1, 2])
+def test_gradient_to_the_carried_state_is_the_reference_gradient(grad_cycles):
+    """grad_cycles == h_cycles: plain back-propagation through every recursion. grad_cycles <
+    h_cycles with state_gradient 'identity': the gradient that reaches the state entering the
+    recursions with gradient, passed on unchanged (the gradient-free recursions as identity)."""
+    model = randomised_model(h_cycles=2, grad_cycles=grad_cycles, carry_gate=False).train()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    x, mask = torch.randn(1, D), torch.ones(1, 3, dtype=torch.bool)
+    y0, z0 = (t.detach().clone().requires_grad_() for t in model.initial_state(1))
+    va, _, _ = model.step(x, mask, TRMState(y0, z0))
+    va.sum().backward()
+    x_tokens = reference_tokens(sd, model.config, x, mask)
+    y, z = y0.detach(), z0.detach()
+    with torch.no_grad():
+        for _ in range(model.config.h_cycles - grad_cycles):
+            y, z = reference_cycle(sd, model.config, x_tokens, y, z)
+    y, z = y.clone().requires_grad_(), z.clone().requires_grad_()
+    ref_y, ref_z = y, z
+    for _ in range(grad_cycles):
+        y, z = reference_cycle(sd, model.config, x_tokens, y, z)
+    reference_heads(sd, y, mask)[0].sum().backward()
+    assert ref_y.grad.abs().max() > 1e-4
+    torch.testing.assert_close(y0.grad, ref_y.grad, atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(z0.grad, ref_z.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_seed_model_starts_from_the_prototype_initialisation():
+    torch.manual_seed(0)
+    model = SeedTRM(TRMConfig.seed())
+    assert (model.q_head.bias == -3.0).all() and (model.shortcut_head.bias == 0).all()
+    assert model.output_head.weight.abs().sum() == 0 and model.absent_features.abs().sum() == 0
+    assert abs(model.q_head.weight.mean().item()) < 0.003 and 0.018 < model.q_head.weight.std().item() < 0.022
+    for init in (model.H_init, model.L_init):   # truncated normal, std 0.02, cut at 2 std
+        assert init.abs().max() <= 0.04 and 0.012 < init.std().item() < 0.02
+    assert model.input_proj.bias is None and model.output_head.bias is None
+    assert not model.modality_weight_logits.requires_grad  # the prototype has no confidence output
+    with pytest.raises(ValueError, match=r'^SeedTRM needs a seed-compatible config \(TRMConfig.seed\(\)\)$'):
+        SeedTRM(TRMConfig(modality_dims=DIMS, hidden_size=8, num_heads=2))
