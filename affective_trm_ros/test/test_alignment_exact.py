@@ -1,10 +1,15 @@
 """Alignment helpers on constructed inputs with exact expected outputs: arrays, identities, messages."""
 
+import math
+
 import numpy as np
 import pytest
 
 from affective_trm_ros.core.alignment import (
     AlignedStep,
+    AlignmentConfig,
+    StreamAligner,
+    align_events,
     embedding_mismatch,
     split_encoder_identity,
     steps_to_arrays,
@@ -73,3 +78,79 @@ def test_embedding_mismatch_messages():
         "video embeddings from '' (dim ?) do not match the checkpoint, which expects video from "
         "'hsemotion_enet_b0' with dim 1280: encoder '<empty>' instead of 'hsemotion_enet_b0'")
     assert embedding_mismatch(SPEC, VIDEO, 'hsemotion_enet_b0', 512).endswith(': dim 512 instead of 1280')
+
+
+def vec(value, dim=2):
+    return np.full(dim, value, np.float32)
+
+
+def test_next_deadline_follows_arrival_wait_and_the_audio_watermark():
+    aligner = StreamAligner(AlignmentConfig())   # nearest, slop 0.3, max wait 0.6
+    assert aligner.next_deadline() is None
+    aligner.add_video(1.0, vec(1.0), arrival_s=1.05)
+    assert aligner.next_deadline() == pytest.approx(1.65)   # arrival + max wait
+    aligner.add(AUDIO, 1.1, vec(2.0))   # watermark 1.1 < 1.0 + slop: still waiting
+    assert aligner.next_deadline() == pytest.approx(1.65)
+    aligner.add(AUDIO, 1.3, vec(3.0))   # watermark exactly at t + slop: due now
+    assert aligner.next_deadline() == -math.inf
+    causal = StreamAligner(AlignmentConfig(audio_policy='causal'))
+    causal.add_video(1.0, vec(1.0), arrival_s=1.05)
+    assert causal.next_deadline() == -math.inf   # never waits
+
+
+def test_time_going_back_forgets_the_abandoned_future_but_keeps_audio_within_the_slop():
+    aligner = StreamAligner(AlignmentConfig())   # nearest, slop 0.3
+    aligner.add(TEXT, 0.9, vec(9.0, 1))
+    aligner.add_video(1.0, vec(1.0))
+    for stamp in (1.1, 1.2, 1.25, 2.0):
+        aligner.add(AUDIO, stamp, vec(stamp))
+    aligner.add_video(0.9, vec(0.5))   # back in time: flush 1.0, forget what is newer than 0.9 + slop
+    assert aligner.stats['reset_backwards'] == 1
+    assert aligner.last_valid_stamp == {TEXT: 0.9, VIDEO: 0.9}
+    steps = aligner.ready(-math.inf)   # audio up to 1.2 was kept: the watermark releases 0.9 now
+    assert [(s.stamp_s, s.released_by, s.reset) for s in steps] == [(1.0, 'flush', False),
+                                                                     (0.9, 'audio', True)]
+    np.testing.assert_array_equal(steps[0].features[AUDIO], vec(1.1))
+    np.testing.assert_array_equal(steps[1].features[AUDIO], vec(1.1))   # nearest of 1.1 and 1.2
+    assert steps[1].staleness[AUDIO] == pytest.approx(-0.2)
+    np.testing.assert_array_equal(steps[1].features[TEXT], vec(9.0, 1))
+    aligner.add_video(1.24, vec(0.7))
+    aligner.add(AUDIO, 1.6, vec(1.6))   # 1.25 and 2.0 were forgotten: 1.2 is the nearest to 1.24
+    (late,) = aligner.ready(-math.inf)
+    np.testing.assert_array_equal(late.features[AUDIO], vec(1.2))
+
+
+def test_time_going_back_under_the_causal_policy_forgets_audio_after_the_new_time():
+    aligner = StreamAligner(AlignmentConfig(audio_policy='causal'))
+    aligner.add_video(1.0, vec(1.0))
+    aligner.ready(1.0)
+    aligner.add(AUDIO, 0.8, vec(0.8))
+    aligner.add(AUDIO, 0.95, vec(0.95))
+    aligner.add_video(0.9, vec(0.5))   # back in time: 0.95 is after the new time and is forgotten
+    (step,) = aligner.ready(0.9)
+    assert step.reset and step.stamp_s == 0.9
+    np.testing.assert_array_equal(step.features[AUDIO], vec(0.8))
+
+
+def test_text_late_counts_and_the_newest_valid_text_stamp():
+    aligner = StreamAligner(AlignmentConfig(wait_for_audio=False))
+    aligner.add(TEXT, 2.0, vec(2.0, 1))
+    aligner.add(TEXT, 1.5, vec(1.5, 1))   # older, out of order: the newest valid stays 2.0
+    aligner.add(TEXT, 2.5, None)          # invalid: not a valid stamp
+    assert aligner.last_valid_stamp == {TEXT: 2.0}
+    aligner.add_video(3.0, vec(3.0))
+    aligner.ready(3.0)
+    aligner.add(TEXT, 3.0, vec(3.0, 1))   # at the fused frame's stamp: not late
+    assert aligner.stats['text_late'] == 0
+    aligner.add(TEXT, 2.7, vec(2.7, 1))
+    aligner.add(TEXT, 2.8, vec(2.8, 1))
+    assert aligner.stats['text_late'] == 2 and aligner.last_valid_stamp[TEXT] == 3.0
+
+
+def test_align_events_keeps_the_given_order_of_same_stamp_events_and_extra_fields():
+    events = [(VIDEO, 1.0, vec(1.0), 'frame meta'), (AUDIO, 1.0, vec(5.0)), (AUDIO, 1.0, vec(6.0)),
+              (TEXT, 0.5, vec(7.0, 1))]
+    (step,) = align_events(events)
+    np.testing.assert_array_equal(step.features[AUDIO], vec(6.0))   # the later of two equal stamps
+    np.testing.assert_array_equal(step.features[TEXT], vec(7.0, 1))
+    assert step.staleness == {VIDEO: 0.0, AUDIO: 0.0, TEXT: 0.5}
