@@ -35,7 +35,7 @@ declare -A TESTS=(
   [metrics]="test/test_metrics.py test/test_metrics_exact.py"
   [trm]="test/test_trm.py test/test_trm_seed.py test/test_trm_reference.py"
   [alignment]="test/test_alignment.py test/test_alignment_exact.py"
-  [predictor]="test/test_predictor.py"
+  [predictor]="test/test_predictor.py test/test_predictor_exact.py"
   [losses]="test/test_metrics.py test/test_losses_exact.py"
   [train]="test/test_training.py::test_truncated_bptt_in_train_carries_the_state_from_window_to_window
            test/test_training.py::test_saved_checkpoint_holds_the_moving_average_of_the_weights
