@@ -86,6 +86,7 @@ for key, code in json.load(open(sys.argv[1]))["exit_code_by_key"].items():
     if code == 0:  # survived
         print(key)' "$meta")
     (( ${#selected[@]} )) || { echo "== $name: no surviving mutants to retest"; continue; }
+    cp "$meta" "$work/verdicts.before"
   else
     set -f  # the patterns are for mutmut, not for the shell
     # shellcheck disable=SC2206
@@ -120,6 +121,18 @@ for key, code in json.load(open(sys.argv[1]))["exit_code_by_key"].items():
     tail -n 30 "$work/run.log" >&2
     exit 1
   }
+  if (( retest )); then
+    # A changed test selection makes mutmut forget every verdict; keep the earlier ones of the
+    # mutants that were not rerun.
+    python3 -c 'import json, sys
+before, path = json.load(open(sys.argv[1])), sys.argv[2]
+after = json.load(open(path))
+codes = after["exit_code_by_key"]
+for key, code in before["exit_code_by_key"].items():
+    if codes.get(key) is None:
+        codes[key] = code
+json.dump(after, open(path, "w"))' "$work/verdicts.before" "$meta"
+  fi
   (cd "$work" && mutmut export-cicd-stats > /dev/null && mutmut results > survivors.txt 2>&1) || true
   line=$(python3 - "$work/mutants/mutmut-cicd-stats.json" "$name" "$((SECONDS - start))" <<'EOF'
 import json, sys
