@@ -177,6 +177,20 @@ def test_bad_inputs_are_refused_with_the_stream_and_modality_named(checkpoint):
     assert predictor.streams() == []  # nothing half-applied
 
 
+def test_a_video_only_model_takes_aligned_frames_that_list_the_other_modalities_as_missing(tmp_path):
+    torch.manual_seed(0)
+    model = StatefulTRM(TRMConfig(modality_dims={'video': 20}, hidden_size=16, num_heads=4, h_cycles=1)).eval()
+    path = save_checkpoint(tmp_path / 'video.pt', model, [SPEC[1]], {})
+    predictor = FusionPredictor(path, device='cpu')
+    video = np.linspace(-1.0, 1.0, 20, dtype=np.float32)
+    aligned = predictor.step([('face_0', {'video': video, 'audio': None, 'text': None}),
+                              ('face_1', {'video': -video, 'audio': None, 'text': None})])
+    plain = FusionPredictor(path, device='cpu').step([('face_0', {'video': video}), ('face_1', {'video': -video})])
+    np.testing.assert_allclose(np.array(aligned, dtype=float), np.array(plain, dtype=float), atol=1e-6)
+    with pytest.raises(ValueError, match=r"unknown modalities \['audio'\]"):
+        predictor.step([('face_0', {'video': video, 'audio': np.zeros(12)})])
+
+
 def test_memoryless_models_serve_through_the_same_api():
     torch.manual_seed(0)
     predictor = FusionPredictor.from_model(MemorylessMLP(MLPConfig(modality_dims=DIMS, hidden_size=8)), SPEC,

@@ -198,7 +198,8 @@ class FusionPredictor:
         """Write one item's concatenated features and mask into the staging row (validated)."""
         if not isinstance(features, dict):
             raise ValueError(f'stream {stream_id!r}: features must be a dict modality -> vector or None')
-        unknown = sorted(set(features) - set(self.dims))
+        # A modality the model does not take may be listed as missing (None), never with data.
+        unknown = sorted(m for m in set(features) - set(self.dims) if features[m] is not None)
         if unknown:
             raise ValueError(f'stream {stream_id!r}: unknown modalities {unknown}; this model takes '
                              f'{list(self.dims)}')

@@ -147,12 +147,16 @@ class FusionNode(Node):
             f's), max wait {alignment.max_wait_s} s, text max age {alignment.text_max_age_s} s')
 
     def destroy_node(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(10.0)
-        self._clock_jumps.unregister()
+        # A node whose start-up failed is destroyed too (Kilted's rclpy destroys every node of a
+        # context at shutdown): only stop what was started.
+        if hasattr(self, '_thread'):
+            with self._wake:
+                self._stopping = True
+                self._wake.notify()
+            if self._thread is not threading.current_thread():
+                self._thread.join(10.0)
+        if hasattr(self, '_clock_jumps'):
+            self._clock_jumps.unregister()
         super().destroy_node()
 
     # ------------------------------------------------------------ set-up
