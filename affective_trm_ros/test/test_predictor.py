@@ -185,7 +185,8 @@ def test_a_video_only_model_takes_aligned_frames_that_list_the_other_modalities_
     video = np.linspace(-1.0, 1.0, 20, dtype=np.float32)
     aligned = predictor.step([('face_0', {'video': video, 'audio': None, 'text': None}),
                               ('face_1', {'video': -video, 'audio': None, 'text': None})])
-    plain = FusionPredictor(path, device='cpu').step([('face_0', {'video': video}), ('face_1', {'video': -video})])
+    plain = FusionPredictor(path, device='cpu').step([('face_0', {'video': video}),
+                                                      ('face_1', {'video': -video})])
     np.testing.assert_allclose(np.array(aligned, dtype=float), np.array(plain, dtype=float), atol=1e-6)
     with pytest.raises(ValueError, match=r"unknown modalities \['audio'\]"):
         predictor.step([('face_0', {'video': video, 'audio': np.zeros(12)})])
