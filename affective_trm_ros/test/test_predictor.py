@@ -179,7 +179,8 @@ def test_bad_inputs_are_refused_with_the_stream_and_modality_named(checkpoint):
 
 def test_a_video_only_model_takes_aligned_frames_that_list_the_other_modalities_as_missing(tmp_path):
     torch.manual_seed(0)
-    model = StatefulTRM(TRMConfig(modality_dims={'video': 20}, hidden_size=16, num_heads=4, h_cycles=1)).eval()
+    config = TRMConfig(modality_dims={'video': 20}, hidden_size=16, num_heads=4, h_cycles=1)
+    model = StatefulTRM(config).eval()
     path = save_checkpoint(tmp_path / 'video.pt', model, [SPEC[1]], {})
     predictor = FusionPredictor(path, device='cpu')
     video = np.linspace(-1.0, 1.0, 20, dtype=np.float32)
