@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from affective_trm_ros.core.encoders.loading import untrained_encoders, untrained_line
 from affective_trm_ros.core.metrics import regression_report
 from affective_trm_ros.offline.io.bags import VALENCE_AROUSAL, BagWriter, affective_typestore, make_header
 
@@ -162,24 +163,6 @@ def build_replay_report(table: FrameTable, *, wall_s: float, mode: str, encoders
     }
     report.update(extra or {})
     return report
-
-
-def untrained_encoders(encoders: Mapping[str, str]) -> dict:
-    """modality -> identity of the encoders whose identity says '@untrained'."""
-    return {m: identity for m, identity in encoders.items() if str(identity).endswith('@untrained')}
-
-
-def untrained_line(encoders: Mapping[str, str]) -> str:
-    """Which encoders ran with random weights (the first line of a report that has estimates)."""
-    if not encoders:
-        return 'No encoder answered: no embedding was published, so no encoder weights were used.'
-    untrained = untrained_encoders(encoders)
-    if not untrained:
-        return ('All encoders ran with their pretrained weights: '
-                + ', '.join(f'{m} {i}' for m, i in encoders.items()) + '.')
-    names = ', '.join(f"{m} ({i.split('@')[0]})" for m, i in untrained.items())
-    return (f'UNTRAINED encoders (random weights, explicit opt-in because their weight files are absent): '
-            f'{names}. Their features carry no pretrained knowledge; metrics reflect that.')
 
 
 def report_notices(report: Mapping) -> list:
