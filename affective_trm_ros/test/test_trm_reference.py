@@ -47,8 +47,8 @@ D = sum(DIMS.values())
 EPS = 1e-5
 
 
-def rms(h):
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+def rms(h, eps=EPS):
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def swiglu(h, gate_up, down):
@@ -78,8 +78,9 @@ def reference_net(sd, config, h, injection):
         else:  # SwiGLU along the token axis
             mixed = swiglu(h.transpose(1, 2), sd[p + 'token_mlp.mlp.gate_up_proj.weight'],
                            sd[p + 'token_mlp.mlp.down_proj.weight']).transpose(1, 2)
-        h = rms(h + mixed)
-        h = rms(h + swiglu(h, sd[p + 'mlp.gate_up_proj.weight'], sd[p + 'mlp.down_proj.weight']))
+        h = rms(h + mixed, config.rms_norm_eps)
+        h = rms(h + swiglu(h, sd[p + 'mlp.gate_up_proj.weight'], sd[p + 'mlp.down_proj.weight']),
+                config.rms_norm_eps)
     return h
 
 
@@ -140,8 +141,9 @@ def randomised_model(seed=0, **overrides) -> StatefulTRM:
 
 
 @pytest.mark.parametrize('overrides', [dict(), dict(mixer='mlp'), dict(carry_gate=False),
-                                       dict(h_cycles=2, l_cycles=3, grad_cycles=2, num_layers=1)],
-                         ids=['attention+gate', 'mlp+gate', 'attention', 'shallow'])
+                                       dict(h_cycles=2, l_cycles=3, grad_cycles=2, num_layers=1),
+                                       dict(rms_norm_eps=0.3)],
+                         ids=['attention+gate', 'mlp+gate', 'attention', 'shallow', 'rms-eps'])
 def test_steps_match_the_independent_reference_over_frames(overrides):
     model = randomised_model(**overrides)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -248,7 +250,8 @@ def test_config_boundaries_that_are_valid():
         config_from_dict({'hidden_size': 8, 'bogus': 1})
     assert config_from_dict({'hidden_size': 8, 'num_heads': 2}).hidden_size == 8
     assert isinstance(build_model(TRMConfig(modality_dims=DIMS, hidden_size=8, num_heads=2)), StatefulTRM)
-    with pytest.raises(ValueError, match='SeedTRM'):
+    message = r'^config.seed_compatible is set; build SeedTRM \(or use build_model\)$'
+    with pytest.raises(ValueError, match=message):
         StatefulTRM(TRMConfig(modality_dims=DIMS, hidden_size=8, num_heads=2, seed_compatible=True))
     with pytest.raises(ValueError, match='seed-compatible config'):
         SeedTRM(TRMConfig(modality_dims=DIMS, hidden_size=8, num_heads=2))
@@ -401,3 +404,24 @@ def test_seed_model_starts_from_the_prototype_initialisation():
     assert not model.modality_weight_logits.requires_grad  # the prototype has no confidence output
     with pytest.raises(ValueError, match=r'^SeedTRM needs a seed-compatible config \(TRMConfig.seed\(\)\)$'):
         SeedTRM(TRMConfig(modality_dims=DIMS, hidden_size=8, num_heads=2))
+
+
+def test_stateful_initialisation_scales():
+    """Token embeddings ~ 1/sqrt(hidden) (like a projected input), initial states ~ 1 (like the
+    post-norm outputs); truncated normals cut at 2 sd have a sample sd of about 0.88 sd."""
+    torch.manual_seed(0)
+    model = StatefulTRM(TRMConfig(modality_dims=DIMS, hidden_size=64, num_heads=4))
+    for tokens in (model.token_embedding, model.absent_tokens):
+        assert 0.7 / 8 < tokens.std().item() < 1.0 / 8 and tokens.abs().max() <= 2 / 8
+    for state in (model.y_init, model.z_init):
+        assert 0.75 < state.std().item() < 1.0 and state.abs().max() <= 2.0
+
+
+def test_input_shape_errors_name_the_expected_shapes():
+    model = randomised_model()
+    state = model.initial_state(2)
+    message = r"^expected mask of shape \(2, 3\) for modalities \['audio', 'video', 'text'\], got \(2, 2\)$"
+    with pytest.raises(ValueError, match=message):
+        model.step(torch.zeros(2, D), torch.ones(2, 2, dtype=torch.bool), state)
+    with pytest.raises(ValueError, match=rf'^expected x of shape \(B, {D}\), got \(2, 3, {D}\)$'):
+        model.step(torch.zeros(2, 3, D), torch.ones(2, 3, dtype=torch.bool), state)
