@@ -99,12 +99,12 @@ SIZES = {
         train_sessions=2,
         val_sessions=1,
         heldout_sessions=1,
-        session_s=6.0,
+        session_s=12.0,
         heldout_s=5.0,
         fps=10.0,
-        steps=12,
+        steps=30,
         seeds=1,
-        crop_s=4.0,
+        crop_s=8.0,
     ),
 }
 
