@@ -154,3 +154,66 @@ def test_align_events_keeps_the_given_order_of_same_stamp_events_and_extra_field
     np.testing.assert_array_equal(step.features[AUDIO], vec(6.0))   # the later of two equal stamps
     np.testing.assert_array_equal(step.features[TEXT], vec(7.0, 1))
     assert step.staleness == {VIDEO: 0.0, AUDIO: 0.0, TEXT: 0.5}
+
+
+def test_config_boundaries():
+    AlignmentConfig(audio_slop_s=0.0, audio_max_age_s=0.0, text_max_age_s=0.0, max_wait_s=0.0,
+                    reset_after_s=0.5, max_pending_frames=1, max_audio=1, max_text=1).validate()
+    AlignmentConfig(audio_slop_s=0.3, max_wait_s=0.3).validate()   # the wait may equal the slop
+    with pytest.raises(ValueError, match=r'^reset_after_s \(0.6\) must be > max_wait_s \(0.6\)$'):
+        AlignmentConfig(max_wait_s=0.6, reset_after_s=0.6).validate()
+    with pytest.raises(ValueError, match='max_audio must be >= 1, got 0'):
+        AlignmentConfig(max_audio=0).validate()
+
+
+def test_nearest_policy_counters_boundaries_and_buffer_on_a_script():
+    """Stamps in binary-exact seconds, slop 0.25: every boundary is hit exactly."""
+    config = AlignmentConfig(audio_slop_s=0.25, max_wait_s=0.5, reset_after_s=2.0, text_max_age_s=1.0,
+                             max_audio=3)
+    aligner = StreamAligner(config)
+    aligner.add(TEXT, 0.5, vec(0.5, 1))
+    aligner.add(AUDIO, 0.75, vec(0.75))
+    aligner.add_video(1.0, vec(1.0))
+    aligner.add(AUDIO, 1.25, vec(1.25))   # watermark exactly t + slop: frame 1.0 is due
+    (first,) = aligner.ready(1.0)
+    assert first.released_by == 'audio'
+    np.testing.assert_array_equal(first.features[AUDIO], vec(0.75))   # tie at 0.25: the earlier one
+    assert first.staleness == {VIDEO: 0.0, AUDIO: 0.25, TEXT: 0.5}
+    aligner.add(AUDIO, 0.75, vec(7.5))    # exactly slop before the fused frame: late, kept
+    aligner.add(AUDIO, 0.5, vec(0.5))     # older than that: dropped
+    aligner.add(AUDIO, 0.25, vec(0.25))   # dropped
+    aligner.add(AUDIO, 1.25, vec(12.5))   # exactly slop after it: late; replaces the earlier 1.25
+    aligner.add(AUDIO, 2.25, None)        # invalid: advances the watermark, not the valid stamp
+    assert aligner.last_valid_stamp == {TEXT: 0.5, AUDIO: 1.25, VIDEO: 1.0}
+    aligner.add_video(1.25, None)         # no face
+    aligner.add(AUDIO, 1.5, vec(1.5))     # buffer of 3: the oldest entry (0.75) is evicted
+    (second,) = aligner.ready(1.25)       # watermark 2.25 passed 1.5
+    np.testing.assert_array_equal(second.features[AUDIO], vec(12.5))
+    assert second.staleness == {VIDEO: None, AUDIO: 0.0, TEXT: 0.75} and second.features[VIDEO] is None
+    aligner.add_video(1.5, vec(1.5))
+    (third,) = aligner.ready(1.5)
+    np.testing.assert_array_equal(third.features[AUDIO], vec(1.5))
+    assert third.staleness == {VIDEO: 0.0, AUDIO: 0.0, TEXT: 1.0}   # text exactly at its maximum age
+    assert aligner.stats == {'frames_in': 3, 'frames_out': 3, 'video_invalid': 1, 'audio_late': 2,
+                             'audio_dropped_late': 2, 'audio_overflow': 1, 'masked_video': 1}
+
+
+def test_causal_policy_maximum_age_and_pruning_on_a_script():
+    config = AlignmentConfig(audio_policy='causal', audio_max_age_s=0.5, max_audio=2)
+    aligner = StreamAligner(config)
+    aligner.add(AUDIO, 0.5, vec(0.5))
+    aligner.add_video(1.0, vec(1.0))
+    (first,) = aligner.ready(1.0)   # the window ended exactly the maximum age ago: still used
+    np.testing.assert_array_equal(first.features[AUDIO], vec(0.5))
+    assert first.released_by == 'no_wait' and first.staleness[AUDIO] == 0.5
+    aligner.add(AUDIO, 1.0, vec(1.0))   # ends exactly at the fused frame: too late for it
+    aligner.add(AUDIO, 1.5, vec(1.5))   # three windows in a buffer of two: 0.5 is evicted
+    aligner.add_video(2.0, vec(2.0))
+    (second,) = aligner.ready(2.0)
+    np.testing.assert_array_equal(second.features[AUDIO], vec(1.5))
+    aligner.add(AUDIO, 2.5, vec(2.5))   # 1.0 was pruned at the release of 2.0: no second overflow
+    aligner.add_video(3.25, vec(3.25))
+    (third,) = aligner.ready(3.25)      # newest window 0.75 old: stale, masked
+    assert third.features[AUDIO] is None
+    assert aligner.stats == {'frames_in': 3, 'frames_out': 3, 'audio_late': 1, 'audio_overflow': 1,
+                             'masked_audio': 1, 'masked_text': 3}
