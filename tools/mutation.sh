@@ -43,7 +43,8 @@ declare -A TESTS=(
            test/test_training.py::test_one_step_gets_the_gradient_of_the_whole_sequence_loss
            test/test_training.py::test_resets_are_honoured_in_training
            test/test_training.py::test_schedule_and_config_validation
-           test/test_training.py::test_training_lowers_the_loss_and_writes_its_files"
+           test/test_training.py::test_training_lowers_the_loss_and_writes_its_files
+           test/test_training_loop_exact.py"
 )
 # module -> the functions whose mutants run (default: all of the file). train.py also holds
 # evaluation and bookkeeping; the loop is what its tests state.
