@@ -1,6 +1,7 @@
 """Training loop, evaluation reports and the train/evaluate commands on a tiny generated store."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -612,3 +613,22 @@ def test_deterministic_option_turns_on_deterministic_algorithms(store, tmp_path)
         assert load_checkpoint(result.checkpoint_path).metadata['deterministic'] is True
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_checkpoint_records_the_audio_policy_its_features_were_aligned_with(store, tmp_path):
+    import shutil
+
+    causal = tmp_path / 'causal'
+    shutil.copytree(store.root, causal)
+    causal_store = FeatureStore(causal)
+    for session_id in causal_store.session_ids():
+        session = causal_store.load(session_id)
+        causal_store.write_session(session_id, speaker=session.speaker, timestamps=session.timestamps,
+                                   features=session.features, mask=session.mask, labels=session.labels,
+                                   meta={**session.meta, 'alignment': {'audio_policy': 'causal'}})
+    config = TrainConfig(model='mlp', model_config=TINY['mlp'], out_dir=str(tmp_path / 'run'), epochs=1,
+                         batch_size=4, window=16, device='cpu', progress=False)
+    assert load_checkpoint(train(causal_store, config).checkpoint_path).audio_policy == 'causal'
+    # Stores prepared before policies were recorded count as the earlier 'nearest' alignment.
+    config = dataclasses.replace(config, out_dir=str(tmp_path / 'legacy'))
+    assert load_checkpoint(train(store, config).checkpoint_path).audio_policy == 'nearest'

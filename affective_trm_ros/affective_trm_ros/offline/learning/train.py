@@ -37,7 +37,13 @@ import numpy as np
 import torch
 
 from affective_trm_ros.core.baselines import GRUConfig, MLPConfig
-from affective_trm_ros.core.checkpoint import KINDS, build_from_kind, load_checkpoint, save_checkpoint
+from affective_trm_ros.core.checkpoint import (
+    KINDS,
+    audio_policy_of_sessions,
+    build_from_kind,
+    load_checkpoint,
+    save_checkpoint,
+)
 from affective_trm_ros.core.device import resolve_device
 from affective_trm_ros.core.metrics import regression_report
 from affective_trm_ros.core.trm import TRMConfig, detach_state
@@ -515,6 +521,8 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
     best_smoothed, best_epoch, best_step, best_score, best_report = -math.inf, 0, 0, -math.inf, {}
     checkpoint_path = out_dir / CHECKPOINT_NAME
     evaluations_without_gain = 0
+    # Serving warns when it aligns audio differently from the features the model learned on.
+    audio_policy = audio_policy_of_sessions(store.load(s).meta for s in splits['train'])
     meta_base = {
         'train_config': to_json_compatible(dataclasses.asdict(config)),
         'splits': splits,
@@ -604,6 +612,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
                     'val_ccc_smoothed': smoothed,
                     'validation_split': 'val' if splits['val'] else 'train (no validation sessions)',
                 },
+                audio_policy=audio_policy,
             )
         else:
             evaluations_without_gain += 1
