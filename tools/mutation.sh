@@ -12,6 +12,7 @@
 #   cd build/mutation/<module> && mutmut results        # surviving mutants
 #   cd build/mutation/<module> && mutmut show <mutant>  # the diff of one mutant
 #   tools/mutation.sh --retest trm   # after adding tests: rerun only that module's survivors
+#                                    # and the mutants no test reached
 #                                    # (the same mutated source, the current tests)
 set -euo pipefail
 
@@ -84,7 +85,7 @@ for name in "${modules[@]}"; do
     tar -C "$package" --exclude=__pycache__ -cf - test | tar -C "$work" -xf -
     mapfile -t selected < <(python3 -c 'import json, sys
 for key, code in json.load(open(sys.argv[1]))["exit_code_by_key"].items():
-    if code == 0:  # survived
+    if code in (0, 33):  # survived, or no test reached it
         print(key)' "$meta")
     (( ${#selected[@]} )) || { echo "== $name: no surviving mutants to retest"; continue; }
     cp "$meta" "$work/verdicts.before"
