@@ -203,6 +203,7 @@ class EncoderNode(Node):
             'inputs': counts.get('inputs', 0),
             'published': counts.get('published', 0),
             'invalid_outputs': counts.get('invalid_outputs', 0),
+            'nonfinite_outputs': getattr(self.encoder, 'nonfinite_outputs', 0),
             'dropped': self.worker.dropped if self.worker else 0,
             'pending': self.worker.pending() if self.worker else 0,
             'bad_inputs': bad_total,
@@ -214,6 +215,9 @@ class EncoderNode(Node):
         self._last_reported_bad = bad_total
         if new_bad:
             return DiagnosticStatus.WARN, f'{new_bad} bad input(s) since the last report', values
+        if values['nonfinite_outputs']:
+            return (DiagnosticStatus.WARN, f"{values['nonfinite_outputs']} encoder output(s) were not finite "
+                    f'(published valid=false): check the weights', values)
         if self.encoder.untrained:
             return DiagnosticStatus.WARN, 'running with untrained encoder weights', values
         return DiagnosticStatus.OK, 'ok', values
