@@ -130,6 +130,9 @@ def test_time_going_back_under_the_causal_policy_forgets_audio_after_the_new_tim
     (step,) = aligner.ready(0.9)
     assert step.reset and step.stamp_s == 0.9
     np.testing.assert_array_equal(step.features[AUDIO], vec(0.8))
+    aligner.add_video(1.0, vec(1.0))   # the forgotten 0.95 would be the newest window here
+    (step,) = aligner.ready(1.0)
+    np.testing.assert_array_equal(step.features[AUDIO], vec(0.8))
 
 
 def test_text_late_counts_and_the_newest_valid_text_stamp():
@@ -217,3 +220,16 @@ def test_causal_policy_maximum_age_and_pruning_on_a_script():
     assert third.features[AUDIO] is None
     assert aligner.stats == {'frames_in': 3, 'frames_out': 3, 'audio_late': 1, 'audio_overflow': 1,
                              'masked_audio': 1, 'masked_text': 3}
+
+
+def test_video_counters_duplicates_jumps_and_gaps():
+    aligner = StreamAligner(AlignmentConfig(wait_for_audio=False, reset_after_s=5.0))
+    # 1.0 twice more (duplicates), a gap of exactly 5 s (no reset), two jumps back, two gaps of 5.5 s
+    for stamp, vector in [(1.0, vec(1.0)), (1.0, vec(1.0)), (1.0, None), (6.0, None),
+                          (3.0, vec(3.0)), (2.0, vec(2.0)), (7.5, vec(7.5)), (13.0, vec(13.0))]:
+        aligner.add_video(stamp, vector)
+    steps = aligner.flush()
+    assert [(s.stamp_s, s.reset) for s in steps] == [(1.0, False), (6.0, False), (3.0, True), (2.0, True),
+                                                     (7.5, True), (13.0, True)]
+    assert aligner.stats['video_duplicate'] == 2 and aligner.stats['video_invalid'] == 1
+    assert aligner.stats['reset_backwards'] == 2 and aligner.stats['reset_gap'] == 2
