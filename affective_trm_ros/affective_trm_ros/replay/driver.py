@@ -166,6 +166,10 @@ class ReplayDriver(Node):
         self._cond = threading.Condition()
         self._video_seen: set = set()
         self._counts = {AUDIO: 0, TEXT: 0}
+        # With several faces a frame has one video embedding and one estimate per stream: a frame
+        # is answered when every stream the driver saw a video embedding of has its estimate.
+        self._video_streams: dict = collections.defaultdict(set)   # stamp -> stream ids (video)
+        self._answered: dict = collections.defaultdict(set)        # stamp -> stream ids (estimates)
         self._output_stamps: set = set()
         self._expected_audio = 0
         self._expected_text = 0
@@ -184,10 +188,13 @@ class ReplayDriver(Node):
         with self._cond:
             self.record.encoders.setdefault(modality, msg.encoder)
             if modality == VIDEO:
-                if stamp_ns in self._video_seen:
+                if msg.stream_id in self._video_streams[stamp_ns]:
                     return  # the answer to a republished frame
+                self._video_streams[stamp_ns].add(msg.stream_id)
+                if msg.stream_id not in self._answered[stamp_ns]:
+                    self._output_stamps.discard(stamp_ns)
                 self._video_seen.add(stamp_ns)
-                self.record.embedding_wall[stamp_ns] = now
+                self.record.embedding_wall.setdefault(stamp_ns, now)
             else:
                 self._counts[modality] += 1
             if self._record_embeddings:
@@ -202,7 +209,9 @@ class ReplayDriver(Node):
             self.record.outputs.append((stamp_ns, msg.stream_id, float(msg.valence), float(msg.arousal),
                                         float(msg.confidence), int(msg.modalities), now))
             self.record.frame_id = self.record.frame_id or msg.header.frame_id
-            self._output_stamps.add(stamp_ns)
+            self._answered[stamp_ns].add(msg.stream_id)
+            if self._video_streams[stamp_ns] <= self._answered[stamp_ns]:
+                self._output_stamps.add(stamp_ns)
             self._cond.notify_all()
 
     # ------------------------------------------------------------ graph
