@@ -166,3 +166,14 @@ def test_confidence_vs_error_bins_on_a_constructed_case():
     assert len(confidence_vs_error(confidence, pred, true, bins=10)['bins']) == 4   # at most one per frame
     empty = confidence_vs_error([0.0], [[0.1, 0.1]], [[0.0, 0.0]])
     assert empty['n'] == 0 and empty['bins'] == [] and math.isnan(empty['spearman'])
+
+
+def test_small_samples_and_defaults_of_the_summary_statistics():
+    assert spearman([1.0, 2.0], [3.0, 4.0]) == 1.0   # two pairs are enough for a rank correlation
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+    truths = [np.array([[0.0, 0.1], [0.3, 0.2]]), np.array([[0.5, -0.2], [0.1, 0.4]]), np.array([[0.9, 0.0]])]
+    runs = [[t + 0.1 for t in truths]]
+    assert bootstrap_sessions_ci(runs, truths) == bootstrap_sessions_ci(runs, truths, seed=0, resamples=1000)
+    confidence = np.linspace(0.1, 0.9, 12)
+    result = confidence_vs_error(confidence, np.zeros((12, 2)), np.full((12, 2), 0.5))
+    assert [b['frames'] for b in result['bins']] == [3, 3, 2, 2, 2]   # five bins by default
