@@ -80,22 +80,6 @@ def run(args: argparse.Namespace) -> int:
         print('error: --threads must be >= 1', file=sys.stderr)
         return 2
 
-    import rclpy
+    from affective_trm_ros.nodes.in_process import run_system
 
-    from affective_trm_ros.nodes.common import spin_nodes
-    from affective_trm_ros.nodes.in_process import NodeStartError, create_nodes
-
-    rclpy.init()
-    try:
-        nodes = create_nodes(args.config, namespace=args.namespace, **kwargs)
-    except KeyboardInterrupt:
-        rclpy.try_shutdown()
-        return 130
-    except NodeStartError as error:  # say which node and why
-        print(f'error: failed to start {error}', file=sys.stderr)
-        rclpy.try_shutdown()
-        return 1
-    print(f"running {', '.join(node.get_fully_qualified_name() for node in nodes)} (Ctrl-C to stop)",
-          flush=True)
-    spin_nodes(nodes, num_threads=args.threads)
-    return 0
+    return run_system(args.config, namespace=args.namespace, threads=args.threads, **kwargs)

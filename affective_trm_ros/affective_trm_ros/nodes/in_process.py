@@ -52,3 +52,28 @@ def create_nodes(config=None, *, namespace: str = '', context=None, **plan_kwarg
                 node.destroy_node()
             raise
     return [built[index] for index in range(len(steps))]
+
+
+def run_system(config=None, *, namespace: str = '', threads=None, **plan_kwargs) -> int:
+    """Start the nodes of :func:`~affective_trm_ros.system.plan` in this process and spin them until
+    Ctrl-C; returns the exit status (0, 1 when a node failed to start, 130 on Ctrl-C during start-up)."""
+    import sys
+
+    import rclpy
+
+    from affective_trm_ros.nodes.common import spin_nodes
+
+    rclpy.init()
+    try:
+        nodes = create_nodes(config, namespace=namespace, **plan_kwargs)
+    except KeyboardInterrupt:
+        rclpy.try_shutdown()
+        return 130
+    except NodeStartError as error:  # say which node and why
+        print(f'error: failed to start {error}', file=sys.stderr)
+        rclpy.try_shutdown()
+        return 1
+    print(f"running {', '.join(node.get_fully_qualified_name() for node in nodes)} (Ctrl-C to stop)",
+          flush=True)
+    spin_nodes(nodes, num_threads=threads)
+    return 0
