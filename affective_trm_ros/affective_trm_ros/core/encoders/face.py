@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,15 +47,20 @@ class FaceBox:
         return max(0.0, self.x2 - self.x1) * max(0.0, self.y2 - self.y1)
 
 
+def check_rgb(array: Any, what: str = 'frame', shape: str = '(H, W, 3)') -> np.ndarray:
+    """Validate an RGB image input: a ``shape`` uint8 array with at least one pixel."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        desc = (f'{array.dtype} array of shape {array.shape}' if isinstance(array, np.ndarray)
+                else type(array).__name__)
+        raise ValueError(f'expected an {shape} uint8 RGB {what}, got {desc}')
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f'empty {what} of shape {array.shape}')
+    return array
+
+
 def check_frame(rgb: np.ndarray) -> np.ndarray:
     """Validate a video encoder input: an (H, W, 3) uint8 RGB frame."""
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        desc = (f'{rgb.dtype} array of shape {rgb.shape}' if isinstance(rgb, np.ndarray)
-                else type(rgb).__name__)
-        raise ValueError(f'expected an (H, W, 3) uint8 RGB frame, got {desc}')
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f'empty frame of shape {rgb.shape}')
-    return rgb
+    return check_rgb(rgb)
 
 
 def largest(boxes: list) -> Optional[FaceBox]:

@@ -41,6 +41,7 @@ from affective_trm_ros.core.encoders.face import (
     DETECTORS,
     FaceBox,
     check_frame,
+    check_rgb,
     crop_face,
     make_detector,
 )
@@ -234,13 +235,7 @@ def build_efficientnet_b0(state: Optional[dict], num_outputs: int, source: str) 
 
 def check_crop(crop: Any) -> np.ndarray:
     """Validate a face crop: an (h, w, 3) uint8 RGB array with at least one pixel."""
-    if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
-        desc = (f'{crop.dtype} array of shape {crop.shape}' if isinstance(crop, np.ndarray)
-                else type(crop).__name__)
-        raise ValueError(f'expected an (h, w, 3) uint8 RGB face crop, got {desc}')
-    if crop.shape[0] == 0 or crop.shape[1] == 0:
-        raise ValueError(f'empty face crop of shape {crop.shape}')
-    return crop
+    return check_rgb(crop, 'face crop', '(h, w, 3)')
 
 
 class FaceEncoder(Encoder):
