@@ -652,12 +652,8 @@ def build_report(
     import numpy as np
 
     from affective_trm_ros.core.checkpoint import load_checkpoint
-    from affective_trm_ros.core.metrics import (
-        bootstrap_sessions_ci,
-        confidence_vs_error,
-        mean_sd,
-        regression_report,
-    )
+    from affective_trm_ros.core.metrics import confidence_vs_error
+    from affective_trm_ros.offline.evaluation.seeds import seed_session_statistics
     from affective_trm_ros.offline.evaluation.signals import (
         correlations_markdown,
         egemaps_feature_names,
@@ -704,29 +700,7 @@ def build_report(
     table = {}
     for row in MODEL_ROWS:
         rows = [k for k in range(seeds) if all(p is not None for p in predictions[row][k])]
-        runs_of_row = [predictions[row][k] for k in rows]
-        per_seed = [regression_report(np.concatenate(run), np.concatenate(truths)) for run in runs_of_row]
-        entry = {}
-        for name in ('valence', 'arousal', 'mean'):
-            values = [r[name]['ccc'] for r in per_seed]
-            mean, sd = mean_sd(values)
-            entry[name] = {
-                'ccc_mean': mean,
-                'ccc_sd': sd,
-                'ccc_per_seed': values,
-                'rmse_mean': mean_sd([r[name]['rmse'] for r in per_seed])[0],
-            }
-        entry['ci95_mean_ccc'] = (
-            bootstrap_sessions_ci(runs_of_row, truths) if len(sessions) > 1 else (math.nan, math.nan)
-        )
-        entry['seeds'] = len(rows)
-        entry['session_ccc'] = {
-            sid: mean_sd(
-                [regression_report(run[s], truths[s])['mean']['ccc'] for run in runs_of_row]
-            )[0]
-            for s, sid in enumerate(sessions)
-        }
-        table[row] = entry
+        table[row] = seed_session_statistics([predictions[row][k] for k in rows], truths, sessions)
     confidence = confidence_vs_error(
         np.concatenate([c for c, _, _ in confidence_runs]),
         np.concatenate([p for _, p, _ in confidence_runs]),
