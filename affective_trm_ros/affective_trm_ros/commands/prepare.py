@@ -105,16 +105,22 @@ def run(args) -> int:
     store.update_info(encoders={m: e.identity for m, e in encoders.items()})
     try:
         if args.source == 'crema-d':
-            return _crema_d(args, inputs, settings, encoders, store)
-        if args.source == 'video':
-            return _video(args, inputs, settings, encoders, store)
-        return _bag(args, inputs, settings, encoders, store)
+            status = _crema_d(args, inputs, settings, encoders, store)
+        elif args.source == 'video':
+            status = _video(args, inputs, settings, encoders, store)
+        else:
+            status = _bag(args, inputs, settings, encoders, store)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f'prepare {args.source}: {_message(error)}', file=sys.stderr)
-        return 1
+        status = 1
     finally:
         if created:
             _remove_if_empty(store)
+    if len(store):  # what training compares against: the content hash and the thread count
+        from affective_trm_ros.offline.extraction.pipeline import record_store_provenance
+
+        record_store_provenance(store)
+    return status
 
 
 def _message(error: Exception) -> str:

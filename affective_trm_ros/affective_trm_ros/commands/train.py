@@ -149,12 +149,16 @@ def read_splits_file(path: Path) -> dict:
 def run(args) -> int:
     from affective_trm_ros.core.encoders.loading import untrained_line
     from affective_trm_ros.offline.io.feature_store import FeatureStore
+    from affective_trm_ros.offline.learning.data import stale_store_message
     from affective_trm_ros.offline.learning.train import train
 
     try:
         config = config_from_args(args)
         store = FeatureStore(args.store)
         print(untrained_line(store.encoder_identities))
+        stale = stale_store_message(store)
+        if stale:
+            print(f'WARNING: {stale}', file=sys.stderr)
         result = train(store, config)
     except (FileNotFoundError, ValueError) as error:
         print(f'train: {error}', file=sys.stderr)

@@ -1,16 +1,20 @@
-"""Evaluation of a checkpoint on a feature-store split, and the report files.
+"""Evaluation of checkpoints on a feature-store split, and the report files.
 
-:func:`evaluate_checkpoint` runs a checkpoint over whole sessions (state carried over every frame,
-from the initial state, as the fusion node does) and computes CCC, RMSE and Pearson r per
-dimension over all labelled frames of the split. :func:`write_report` writes ``report.json``,
-``report.md``, ``va_plane.png`` and ``timeseries_<session>.png`` plots; the replay report
-reuses it with the predictions the fusion node published.
+:func:`evaluate_checkpoints` runs one or more checkpoints (one per training seed) over whole
+sessions (state carried over every frame, from the initial state, reset where the fusion node
+resets it) and computes CCC, RMSE and Pearson r per dimension over all labelled frames of the
+split; with several checkpoints, the mean +- sd over them, the mean CCC of every session and a
+bootstrap confidence interval over sessions (:mod:`~affective_trm_ros.offline.evaluation.seeds`).
+:func:`write_report` writes ``report.json``, ``report.md``, ``va_plane.png`` and
+``timeseries_<session>.png`` plots; the replay report reuses it with the predictions the fusion
+node published.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,7 +23,8 @@ import numpy as np
 from affective_trm_ros.core.checkpoint import check_encoder_spec, load_checkpoint
 from affective_trm_ros.core.device import resolve_device
 from affective_trm_ros.core.encoders.loading import untrained_line
-from affective_trm_ros.core.metrics import DIMENSIONS, confidence_vs_error, regression_report
+from affective_trm_ros.core.metrics import DIMENSIONS, confidence_vs_error, mean_sd, regression_report
+from affective_trm_ros.offline.evaluation.seeds import BOOTSTRAP_RESAMPLES, seed_session_statistics
 from affective_trm_ros.offline.learning.data import SessionSource
 from affective_trm_ros.offline.learning.splits import (
     DEFAULT_FRACTIONS,
@@ -33,6 +38,10 @@ from affective_trm_ros.offline.learning.train import predict_sessions, to_json_c
 DEFAULT_MAX_TIMESERIES = 4
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
+# Sessions listed one by one on the terminal; a longer list is summarised there (report.md has all).
+MAX_PRINTED_SESSIONS = 20
+SD_UNAVAILABLE = ('sd not available: one checkpoint was given, and an sd over training seeds needs at '
+                  'least two (give one checkpoint per seed)')
 
 
 def resolve_split(split: Union[str, list], store, metadata: dict) -> tuple:
@@ -75,49 +84,164 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     max_timeseries: int = DEFAULT_MAX_TIMESERIES,
 ) -> dict:
-    """Metrics of ``checkpoint`` (path or LoadedCheckpoint) on ``split`` of ``store``.
+    """Metrics of one ``checkpoint`` (path or LoadedCheckpoint) on ``split`` of ``store``
+    (:func:`evaluate_checkpoints` with one checkpoint)."""
+    return evaluate_checkpoints([checkpoint], store, split, device=device, out_dir=out_dir,
+                                batch_size=batch_size, max_timeseries=max_timeseries)
 
-    Checks that the store's encoder spec matches the checkpoint's (ValueError naming both sides).
-    With ``out_dir`` the report files are written too (see :func:`write_report`).
+
+def evaluate_checkpoints(
+    checkpoints: Sequence,
+    store,
+    split: Union[str, list] = 'test',
+    *,
+    device: str = 'cpu',
+    out_dir=None,
+    batch_size: int = 64,
+    max_timeseries: int = DEFAULT_MAX_TIMESERIES,
+) -> dict:
+    """Metrics of ``checkpoints`` (paths or LoadedCheckpoints; one per training seed) on ``split``.
+
+    Every checkpoint must be of the same model kind, trained on the same encoders as each other and
+    as the store, and resolve ``split`` to the same sessions (ValueError naming them otherwise).
+    The report holds ``metrics`` (one checkpoint: its metrics; several: the mean over them of each
+    number), ``seed_statistics`` (:func:`~affective_trm_ros.offline.evaluation.seeds.
+    seed_session_statistics`: mean +- sd over the checkpoints, per-session mean CCC, the bootstrap
+    CI of the mean CCC over sessions) and ``per_checkpoint`` metrics. Resets: the store's own
+    settings, as the fusion node's defaults for these sessions. With ``out_dir`` the report files
+    are written too (see :func:`write_report`; the plots show the first checkpoint's predictions).
     """
-    loaded = load_checkpoint(checkpoint, device=device) if isinstance(checkpoint, (str, Path)) else checkpoint
-    check_encoder_spec(loaded.encoder_spec, store.encoder_spec)
-    session_ids, origin = resolve_split(split, store, loaded.metadata)
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError('no checkpoint to evaluate')
+    names = [str(c) if isinstance(c, (str, Path)) else f'in memory #{i + 1}'
+             for i, c in enumerate(checkpoints)]
+    _refuse_repeats(checkpoints)
+    loaded = [load_checkpoint(c, device=device) if isinstance(c, (str, Path)) else c for c in checkpoints]
+    _check_same_model(loaded, names)
+    check_encoder_spec(loaded[0].encoder_spec, store.encoder_spec)
+    session_ids, origin = resolve_split(split, store, loaded[0].metadata)
+    for name, other in zip(names[1:], loaded[1:]):
+        ids, other_origin = resolve_split(split, store, other.metadata)
+        if ids != session_ids:
+            raise ValueError(f'{name} and {names[0]} give different {split!r} sessions ({other_origin} vs '
+                             f'{origin}): they were trained with different splits; evaluate them on the '
+                             f'same sessions with --sessions or --split all')
     if not session_ids:
         raise ValueError(f'split {split!r} has no session in {store.root}')
     source = SessionSource(store, session_ids)
-    target = resolve_device(device)
-    predictions = predict_sessions(loaded.model, source, session_ids, target, batch_size)
-    preds = {sid: predictions[sid][0] for sid in session_ids}
-    confidence = {sid: predictions[sid][1] for sid in session_ids}
     truths = {sid: source.arrays(sid)[2] for sid in session_ids}
     if not any(np.all(np.isfinite(truth), axis=1).any() for truth in truths.values()):
         raise ValueError(f'the {len(session_ids)} session(s) of {origin} in {store.root} have no labelled '
                          f'frame: CCC, RMSE and Pearson r need ground truth (prepare with labels: a label '
                          f'CSV or the affect/ground_truth topic)')
+    target = resolve_device(device)
+    preds, confidence = [], []
+    for model in loaded:
+        predictions = predict_sessions(model.model, source, session_ids, target, batch_size)
+        preds.append({sid: predictions[sid][0] for sid in session_ids})
+        confidence.append({sid: predictions[sid][1] for sid in session_ids})
     timestamps = {sid: source.arrays(sid)[3] for sid in session_ids}
     masks = np.concatenate([source.arrays(sid)[1] for sid in session_ids])
-    report = build_report(preds, truths, confidence=confidence)
+    reports = [build_report(p, truths, confidence=c) for p, c in zip(preds, confidence)]
+    report = reports[0] if len(reports) == 1 else _merge_reports(reports, preds, confidence, truths)
+    statistics = seed_session_statistics([[p[sid] for sid in session_ids] for p in preds],
+                                         [truths[sid] for sid in session_ids], session_ids)
     report.update(
         {
-            'checkpoint': str(checkpoint) if isinstance(checkpoint, (str, Path)) else 'in memory',
-            'model_kind': loaded.kind,
-            'encoder_spec': loaded.encoder_spec,
+            'checkpoint': names[0] if len(names) == 1 else f'{len(names)} checkpoints',
+            'checkpoints': names,
+            'model_kind': loaded[0].kind,
+            'encoder_spec': loaded[0].encoder_spec,
             'store': str(store.root),
+            'store_features_hash': getattr(store, 'info', {}).get('features_hash'),
             'split': split if isinstance(split, str) else 'custom',
             'split_origin': origin,
             'modality_presence': {m: float(masks[:, i].mean()) for i, m in enumerate(store.modalities)},
-            'trained_epoch': loaded.metadata.get('epoch'),
+            'trained_epoch': loaded[0].metadata.get('epoch'),
             'encoders': dict(getattr(store, 'encoder_identities', {})),
+            'seed_statistics': statistics,
+            'bootstrap': {'resamples': BOOTSTRAP_RESAMPLES, 'over': 'sessions', 'level': 0.95},
+            'per_checkpoint': [
+                {
+                    'checkpoint': name,
+                    'training_seed': (model.metadata.get('train_config') or {}).get('seed'),
+                    'features_hash': model.metadata.get('features_hash'),
+                    'trained_epoch': model.metadata.get('epoch'),
+                    'metrics': single['metrics'],
+                }
+                for name, model, single in zip(names, loaded, reports)
+            ],
         }
     )
+    if len(names) == 1:
+        report['sd_note'] = SD_UNAVAILABLE
     if out_dir is not None:
-        write_report(
-            report, out_dir, preds, truths, timestamps, confidence=confidence, max_timeseries=max_timeseries
-        )
+        write_report(report, out_dir, preds[0], truths, timestamps, confidence=confidence[0],
+                     max_timeseries=max_timeseries)
         markdown = Path(out_dir) / REPORT_MD   # its first line says which encoders ran untrained
         markdown.write_text(untrained_line(report['encoders']) + '\n\n' + markdown.read_text())
     return report
+
+
+def _refuse_repeats(checkpoints: list) -> None:
+    """The same file twice would pass for two training seeds that agree perfectly."""
+    seen: dict = {}
+    for checkpoint in checkpoints:
+        if isinstance(checkpoint, (str, Path)):
+            key = Path(checkpoint).resolve()
+            if key in seen:
+                also = f' (also as {seen[key]})' if str(seen[key]) != str(checkpoint) else ''
+                raise ValueError(f"{checkpoint} is given twice{also}: give each training seed's checkpoint "
+                                 f'once')
+            seen[key] = checkpoint
+
+
+def _check_same_model(loaded: list, names: list) -> None:
+    """Checkpoints evaluated together must be one model trained with different seeds: the same kind
+    and the same encoders (modality, plugin id, dimension). Their feature order is the same too:
+    :func:`load_checkpoint` refuses any other than this code's."""
+    first = loaded[0]
+    for name, other in zip(names[1:], loaded[1:]):
+        if other.kind != first.kind:
+            raise ValueError(f'{name} is a {other.kind!r} model but {names[0]} is a {first.kind!r} model: '
+                             f'checkpoints evaluated together must be one model kind (one per training seed)')
+        try:
+            check_encoder_spec(first.encoder_spec, other.encoder_spec)
+        except ValueError as error:
+            detail = str(error).split('\n', 1)[-1].replace('the checkpoint', names[0]).replace(
+                'the configured side', name)
+            raise ValueError(f'{name} and {names[0]} were trained on different features, so their metrics '
+                             f'cannot be pooled over seeds:\n{detail}') from None
+
+
+def _merge_reports(reports: list, preds: list, confidence: list, truths: dict) -> dict:
+    """One report of several checkpoints: every number is the mean over them (finite values only,
+    like the seed statistics), and confidence vs error pools all their frames."""
+    ids = list(truths)
+    merged = {key: reports[0][key] for key in ('sessions', 'frames', 'labelled_frames')}
+    merged['metrics'] = _mean_of(r['metrics'] for r in reports)
+    merged['coverage'] = _mean_of(r['coverage'] for r in reports)
+    merged['per_session'] = _mean_of(r['per_session'] for r in reports)
+    if all('confidence_mean' in r for r in reports):
+        merged['confidence_mean'] = _mean_of(r['confidence_mean'] for r in reports)
+        merged['confidence_vs_error'] = confidence_vs_error(
+            np.concatenate([np.asarray(c[s], np.float64).reshape(-1) for c in confidence for s in ids]),
+            np.concatenate([np.asarray(p[s], np.float64).reshape(-1, 2) for p in preds for s in ids]),
+            np.concatenate([np.asarray(truths[s], np.float64).reshape(-1, 2) for _ in preds for s in ids]),
+        )
+    return merged
+
+
+def _mean_of(values):
+    """The mean of numbers, or of dicts of numbers key by key; values equal everywhere (frame counts)
+    are kept as they are."""
+    values = list(values)
+    if isinstance(values[0], dict):
+        return {key: _mean_of(v[key] for v in values) for key in values[0]}
+    if all(v == values[0] for v in values):
+        return values[0]
+    return mean_sd(values)[0]
 
 
 def build_report(predictions: dict, truths: dict, confidence: Optional[dict] = None) -> dict:
@@ -242,6 +366,62 @@ def metrics_table(metrics: dict) -> str:
     return '\n'.join(lines)
 
 
+def _pm(entry: dict, metric: str) -> str:
+    """'mean ± sd' of a seed statistic; the sd is 'n/a' with one checkpoint."""
+    return f'{_fmt(entry[metric + "_mean"])} ± {_fmt(entry[metric + "_sd"])}'
+
+
+def seed_table(statistics: dict) -> str:
+    """Markdown table of seed_session_statistics: mean ± sd over the checkpoints per dimension."""
+    lines = ['| dimension | CCC | RMSE | Pearson r | per checkpoint (CCC) |', '|---|---|---|---|---|']
+    for name in (*DIMENSIONS, 'mean'):
+        entry = statistics[name]
+        label = f'**{name}**' if name == 'mean' else name
+        each = ', '.join(_fmt(v) for v in entry['ccc_per_seed'])
+        lines.append(f'| {label} | {_pm(entry, "ccc")} | {_pm(entry, "rmse")} | {_pm(entry, "pearson")} | '
+                     f'{each} |')
+    return '\n'.join(lines)
+
+
+def ci_line(statistics: dict, resamples: int = BOOTSTRAP_RESAMPLES) -> str:
+    low, high = statistics['ci95_mean_ccc']
+    sessions = len(statistics['session_ccc'])
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return (f'95 % CI of the mean CCC over sessions: n/a ({sessions} session(s); '
+                f'resampling sessions needs at least two)')
+    return (f'95 % CI of the mean CCC over sessions: [{_fmt(low)}, {_fmt(high)}] (bootstrap: {sessions} '
+            f'sessions drawn with replacement, {resamples} draws, fixed seed)')
+
+
+def session_table(statistics: dict, per_session: dict, limit: Optional[int] = None) -> str:
+    """Markdown table of each session's mean CCC (mean over the checkpoints); with ``limit``, longer
+    lists are summarised (lowest, median, highest)."""
+    scores = statistics['session_ccc']
+    if limit is not None and len(scores) > limit:
+        finite = sorted(v for v in scores.values() if v is not None and math.isfinite(v))
+        if not finite:
+            return f'{len(scores)} sessions, none with a finite CCC'
+        return (f'{len(scores)} sessions: mean CCC per session lowest {_fmt(finite[0])}, median '
+                f'{_fmt(float(np.median(finite)))}, highest {_fmt(finite[-1])} (each session in report.md)')
+    lines = ['| session | frames | mean CCC |', '|---|---|---|']
+    for sid, value in scores.items():
+        lines.append(f'| {sid} | {per_session.get(sid, {}).get("frames", "")} | {_fmt(value)} |')
+    return '\n'.join(lines)
+
+
+def seed_summary_markdown(report: dict, limit: Optional[int] = None) -> str:
+    """The seed and session statistics of an evaluation report, as printed and written."""
+    statistics = report['seed_statistics']
+    count = statistics['seeds']
+    lines = [f'Mean ± sd over {count} checkpoint(s) (training seeds), each scored on all labelled '
+             'frames:', '', seed_table(statistics), '']
+    if report.get('sd_note'):
+        lines += [f'Note: {report["sd_note"]}.', '']
+    lines += [ci_line(statistics), '', 'Mean CCC per session (mean over the checkpoints):', '',
+              session_table(statistics, report.get('per_session', {}), limit)]
+    return '\n'.join(lines)
+
+
 def report_markdown(report: dict, title: str = 'Evaluation') -> str:
     lines = [f'# {title}', '']
     for key, label in (
@@ -270,13 +450,21 @@ def report_markdown(report: dict, title: str = 'Evaluation') -> str:
     if 'modality_presence' in report:
         presence = ', '.join(f'{m} {_fmt(v * 100, 1)} %' for m, v in report['modality_presence'].items())
         lines.append(f'- Modality presence: {presence}')
+    checkpoints = report.get('checkpoints') or []
+    if len(checkpoints) > 1:
+        lines.append('- Checkpoints: ' + ', '.join(checkpoints))
+    scope = f', mean over the {len(checkpoints)} checkpoints' if len(checkpoints) > 1 else ''
     lines += [
         '',
-        '## Metrics (all labelled frames of all sessions)',
+        f'## Metrics (all labelled frames of all sessions{scope})',
         '',
         metrics_table(report['metrics']),
         '',
     ]
+    if 'seed_statistics' in report:
+        lines += ['## Over training seeds and sessions', '', seed_summary_markdown(report), '']
+        if len(checkpoints) > 1:
+            lines += ["Plots: the first checkpoint's predictions.", '']
     extra = {k: v for k, v in report.items() if k == 'latency_ms'}
     if extra:
         lat = extra['latency_ms']

@@ -324,6 +324,20 @@ def align_embeddings(events: Iterable[tuple], alignment: AlignmentConfig, dims: 
     return timestamps, {m: features[m] for m in FEATURE_ORDER if m in dims}, mask[:, columns], resets
 
 
+def record_store_provenance(store) -> dict:
+    """Record in the store's info what training compares against: ``features_hash`` (the content hash
+    of every stored session's features, mask, labels, stamps and resets; the definition checkpoints
+    record, :func:`~affective_trm_ros.offline.learning.data.store_digest`) and ``torch_threads``
+    (``torch.get_num_threads()`` during extraction: some encoders' last digits depend on it).
+    Called after a preparation run; returns the recorded entries."""
+    import torch
+
+    from affective_trm_ros.offline.learning.data import store_digest
+
+    entries = {'features_hash': store_digest(store), 'torch_threads': torch.get_num_threads()}
+    store.update_info(**entries)
+    return entries
+
 class SessionExtractor:
     """Turns sessions (frames, audio, utterances) into aligned per-frame features.
 

@@ -148,6 +148,26 @@ class SessionSource:
         return sum(int(np.sum(np.all(np.isfinite(self.arrays(sid)[2]), axis=1))) for sid in self.ids)
 
 
+def store_digest(store) -> str:
+    """The features hash of a whole store: :meth:`SessionSource.digest` over all its sessions, with
+    each session's own reset settings. ``affective-trm prepare`` records it in the store's info as
+    ``features_hash``; sessions are read one at a time, so any store size fits in memory."""
+    return SessionSource(store, store.session_ids(), memory_budget=0).digest()
+
+
+def stale_store_message(store) -> Optional[str]:
+    """Why the store's content differs from the ``features_hash`` recorded when it was prepared
+    (sessions edited, added or removed since), or None when it matches or none was recorded."""
+    recorded = (getattr(store, 'info', None) or {}).get('features_hash')
+    if not recorded:
+        return None
+    actual = store_digest(store)
+    if actual == recorded:
+        return None
+    return (f'the feature store {store.root} changed since it was prepared: its features hash is {actual}, '
+            f'its info records {recorded} (sessions edited, added or removed by hand?); '
+            f"re-run 'affective-trm prepare' on it to record the current content")
+
 def collate(source: SessionSource, session_ids: Sequence[str], crops: Optional[dict] = None) -> Batch:
     """Pad sessions into one Batch; ``crops`` maps a session id to a (start, stop) frame range."""
     items = []
