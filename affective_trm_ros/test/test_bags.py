@@ -156,6 +156,35 @@ def test_unknown_types_are_read_from_the_bag(tmp_path):
         assert gauge.level == 2.5 and gauge.label == 'x'
 
 
+# affective_msgs/ValenceArousal as released before the face box (roi) was added.
+VALENCE_AROUSAL_WITHOUT_ROI = """uint8 MODALITY_VIDEO = 1
+uint8 MODALITY_AUDIO = 2
+uint8 MODALITY_TEXT = 4
+std_msgs/Header header
+string stream_id
+float32 valence
+float32 arousal
+float32 confidence
+uint8 modalities 0
+"""
+
+
+def test_a_bag_recorded_with_an_older_message_version_decodes_as_recorded(tmp_path):
+    older = get_typestore(Stores.ROS2_JAZZY)
+    older.register(get_types_from_msg(VALENCE_AROUSAL_WITHOUT_ROI, VALENCE_AROUSAL))
+    with BagWriter(tmp_path / 'bag', store=older) as bag:
+        bag.add_topic('/affect/ground_truth', VALENCE_AROUSAL)
+        bag.write('/affect/ground_truth', 7, older.types[VALENCE_AROUSAL](
+            header=make_header(7, 'cam'), stream_id='default', valence=0.25, arousal=-0.5,
+            confidence=1.0, modalities=3))
+    with BagReader(tmp_path / 'bag') as bag:
+        (_, truth), = list(bag.messages())
+    assert (truth.valence, truth.arousal, truth.modalities) == (0.25, -0.5, 3)
+    assert not hasattr(truth, 'roi')
+    # our own definition is unchanged for bags written with it
+    assert 'roi' in dict(affective_typestore().fielddefs[VALENCE_AROUSAL][1])
+
+
 def test_topic_lookup_and_errors(tmp_path):
     _write_sample(tmp_path / 'bag')
     with BagReader(tmp_path / 'bag') as bag:

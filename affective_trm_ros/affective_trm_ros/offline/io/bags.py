@@ -210,6 +210,7 @@ class BagReader:
         self.store = self._base_store
         self._reader = Reader(path)
         self._connections: dict[str, list[Connection]] = {}
+        self._topic_stores: dict[str, Typestore] = {}
 
     def __enter__(self) -> BagReader:
         self.open()
@@ -227,6 +228,7 @@ class BagReader:
         for connection in self._reader.connections:
             self._connections.setdefault(connection.topic, []).append(connection)
         self.store = self._store_with_bag_types(self._reader.connections)
+        self._topic_stores = self._stores_for_changed_types(self._reader.connections)
 
     def close(self) -> None:
         self._reader.close()
@@ -246,6 +248,22 @@ class BagReader:
         store.register(dict(self._base_store.fielddefs))
         store.register({k: v for k, v in unknown.items() if k not in self._base_store.fielddefs})
         return store
+
+    def _stores_for_changed_types(self, connections: Iterable[Connection]) -> dict[str, Typestore]:
+        """Topic -> a store with the bag's own definitions, for topics whose recorded definition of a
+        type differs from ours (a bag recorded with another version of a message decodes as recorded)."""
+        stores = {}
+        for connection in connections:
+            if connection.msgdef.format != MessageDefinitionFormat.MSG or not connection.msgdef.data:
+                continue
+            recorded = get_types_from_msg(connection.msgdef.data, connection.msgtype)
+            if all(self.store.fielddefs.get(name, fields) == fields for name, fields in recorded.items()):
+                continue
+            store = get_typestore(Stores.EMPTY)
+            store.register({k: v for k, v in self.store.fielddefs.items() if k not in recorded})
+            store.register(recorded)
+            stores[connection.topic] = store
+        return stores
 
     # ------------------------------------------------------------ metadata
 
@@ -317,7 +335,8 @@ class BagReader:
 
     def deserialize(self, message: BagMessage) -> Any:
         try:
-            return self.store.deserialize_cdr(message.data, message.msgtype)
+            store = self._topic_stores.get(message.topic, self.store)
+            return store.deserialize_cdr(message.data, message.msgtype)
         except KeyError as error:
             raise BagError(f"cannot decode topic '{message.topic}': type {message.msgtype} is "
                            f"unknown and the bag carries no definition for it") from error
