@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from affective_trm_ros.core.metrics import DIMENSIONS, bootstrap_sessions_ci, mean_sd, regression_report
+from affective_trm_ros.core.metrics import DIMENSIONS, bootstrap_sessions_ci, ccc, mean_sd, regression_report
 
 # Bootstrap resamples of the session CI and the seed of their draws: a fixed seed, so the same
 # predictions always print the same interval.
@@ -52,14 +52,20 @@ def seed_session_statistics(runs: list, truths: list, session_ids: list, *,
             values = [report[name][metric] for report in per_seed]
             mean, sd = mean_sd(values)
             entry[name].update({f'{metric}_mean': mean, f'{metric}_sd': sd, f'{metric}_per_seed': values})
-    entry['ci95_mean_ccc'] = bootstrap_sessions_ci(runs, truths, resamples=resamples, level=CI_LEVEL,
-                                                   seed=seed)
+    entry['ci95_mean_ccc'] = bootstrap_sessions_ci(runs, truths, metric=mean_ccc, resamples=resamples,
+                                                   level=CI_LEVEL, seed=seed)
     entry['seeds'] = len(runs)
     entry['session_ccc'] = {
         sid: mean_sd([regression_report(run[s], truths[s])['mean']['ccc'] for run in runs])[0]
         for s, sid in enumerate(session_ids)
     }
     return entry
+
+
+def mean_ccc(pred, true) -> float:
+    """regression_report(pred, true)['mean']['ccc'] without the other metrics (the bootstrap calls it
+    resamples x seeds times)."""
+    return float(np.mean([ccc(pred[:, column], true[:, column]) for column in range(len(DIMENSIONS))]))
 
 
 def _pairs(values) -> np.ndarray:
