@@ -2,8 +2,15 @@
 
 Layout of a store directory::
 
-    index.json              format/version, encoder spec, feature order, one entry per session
+    index.json              format/version, encoder spec, feature order, one entry per session,
+                            info (see below)
     sessions/<id>.npz       timestamps, one array per modality, mask, labels, speaker, meta (JSON)
+
+``info`` (:meth:`FeatureStore.update_info`) records where the features came from: the encoders'
+identities, the source and, after every ``affective-trm prepare`` run, ``features_hash`` (the content
+hash of all sessions, :func:`affective_trm_ros.offline.learning.data.store_digest`, which training
+checks) and ``torch_threads`` (the torch thread count during extraction). Stores written before
+these entries existed lack them and load as before.
 
 A session is written atomically (temporary file, then rename) and only then entered in the
 index, so an interrupted preparation restarts where it stopped: ``has(id)`` is True only for
