@@ -195,6 +195,20 @@ def test_checkpoints_that_do_not_belong_together_are_refused(seeds, tmp_path, ca
     assert code == 1 and 'given twice' in err
 
 
+def test_one_session_has_no_interval_and_ragged_runs_are_refused():
+    from affective_trm_ros.offline.evaluation.seeds import seed_session_statistics
+
+    truth = np.stack([np.linspace(-1, 1, 20), np.linspace(1, -1, 20)], axis=1)
+    runs = [[truth * 0.5], [truth * 0.8]]
+    stats = seed_session_statistics(runs, [truth], ['only'])
+    assert np.isnan(stats['ci95_mean_ccc']).all()     # resampling one session says nothing
+    expected = [mean_ccc(truth * 0.5, truth), mean_ccc(truth * 0.8, truth)]
+    assert stats['mean']['ccc_sd'] == pytest.approx(np.std(expected, ddof=1))
+    assert stats['session_ccc']['only'] == pytest.approx(np.mean(expected))
+    with pytest.raises(ValueError, match='one prediction per session'):
+        seed_session_statistics([[truth], []], [truth], ['only'])
+
+
 # ---------------------------------------------------------------- the store's features hash
 
 

@@ -56,7 +56,7 @@ def seed_session_statistics(runs: list, truths: list, session_ids: list, *,
                                                    level=CI_LEVEL, seed=seed)
     entry['seeds'] = len(runs)
     entry['session_ccc'] = {
-        sid: mean_sd([regression_report(run[s], truths[s])['mean']['ccc'] for run in runs])[0]
+        sid: mean_sd([mean_ccc(run[s], truths[s]) for run in runs])[0]
         for s, sid in enumerate(session_ids)
     }
     return entry
