@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+from rclpy.clock import JumpThreshold
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
@@ -147,6 +149,14 @@ class ReplayDriver(Node):
         self._record_embeddings = record_embeddings
         self._memory_probe = memory_probe
         self._node_clocks = list(node_clocks)
+        # Set whenever a node's clock takes a new /clock: waiting for the nodes' clocks wakes on it
+        # instead of polling (one poll period per message would dominate a replay's wall time).
+        self._clock_moved = threading.Event()
+        any_change = JumpThreshold(min_forward=Duration(nanoseconds=1), min_backward=Duration(nanoseconds=-1),
+                                   on_clock_change=True)
+        self._clock_jump_handles = [clock.create_jump_callback(any_change,
+                                                               post_callback=self._on_node_clock_jump)
+                                    for clock in self._node_clocks]
         self._clock_pub = self.create_publisher(Clock, '/clock', 10)
         self._input_pubs = {}
         for role, (topic, type_name) in inputs.items():
@@ -237,6 +247,15 @@ class ReplayDriver(Node):
             time.sleep(0.05)
 
     # ------------------------------------------------------------ publishing
+
+    def _on_node_clock_jump(self, _jump) -> None:
+        self._clock_moved.set()  # an Event, not self._cond: this runs under the clock's own lock
+
+    def destroy_node(self) -> None:
+        for handle in self._clock_jump_handles:
+            handle.unregister()
+        self._clock_jump_handles = []
+        super().destroy_node()
 
     def _publish_clock(self, stamp_ns: int) -> None:
         msg = Clock()
@@ -346,8 +365,16 @@ class ReplayDriver(Node):
             if role == ROLE_SPEECH or headerless_audio:
                 time.sleep(SETTLE_S)   # stamped on arrival by the node clock
             return
-        self._wait(lambda: all(clock.now().nanoseconds >= clock_ns for clock in self._node_clocks),
-                   f'the nodes taking /clock = {clock_ns / 1e9:.3f} s (use_sim_time)', clock_ns)
+        started = time.monotonic()
+        while True:
+            self._clock_moved.clear()
+            if all(clock.now().nanoseconds >= clock_ns for clock in self._node_clocks):
+                return
+            if time.monotonic() - started > self._timeout_s:
+                raise ReplayError(f'no nodes taking /clock = {clock_ns / 1e9:.3f} s within '
+                                  f'{self._timeout_s:.0f} s (use_sim_time)')
+            if not self._clock_moved.wait(CLOCK_REPEAT_S):
+                self._publish_clock(clock_ns)  # best effort: re-send in case one was lost
 
     def _finish(self, clock_ns: int, realtime: bool) -> None:
         """Advance the clock so every frame is due, then wait for the estimates."""
