@@ -6,7 +6,11 @@ AFFECTIVE_OUTAGE_REPEATS=20 to repeat each, and AFFECTIVE_CPU_HOG=2 to keep two 
 running meanwhile (both cores busy).
 """
 
+import dataclasses
+import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +28,7 @@ from sensor_msgs.msg import RegionOfInterest
 
 from affective_msgs.msg import ModalityEmbedding, TrackedStreams, ValenceArousal
 from affective_msgs.srv import ResetState
+from affective_trm_ros.core.alignment import STAMP_TOLERANCE_S, AlignmentConfig
 from affective_trm_ros.core.checkpoint import load_checkpoint, save_checkpoint
 from affective_trm_ros.core.modalities import AUDIO, TEXT, VIDEO
 from affective_trm_ros.core.trm import TRMConfig, build_model
@@ -364,6 +369,28 @@ def test_checkpoint_audio_policy_mismatch_is_reported(tmp_path, rclpy_context):
 
 
 # ---------------------------------------------------------------- encoders dying and returning
+#
+# The fusion node runs in its own process, started by its executable's main() with the shipped
+# alignment parameters, as a launch file starts it; the test process plays the encoders (each
+# publishes on a fixed real-time schedule and stops for the outage) and collects the outputs.
+# Sharing one process (one GIL) with the 30 FPS publisher and the collector measured that sharing,
+# not the node: with two busy processes beside it, the worst stamp-to-output latency per run had a
+# median of 0.92 s in one process against 0.71 s with the node in its own (12 runs each).
+
+#: The alignment parameters the node ships with (config/fusion.yaml holds the same values).
+SHIPPED = AlignmentConfig()
+#: What an output may take beyond the wait the alignment policy prescribes: DDS delivery into the
+#: node and back, the hand-over to the inference thread, the model step and the publish. Measured
+#: with the node in its own process and two busy processes beside it: at most 0.36 s in 24 runs.
+PROCESSING_ALLOWANCE_S = 0.4
+#: Outage schedule (seconds after the start of publishing) and the run length.
+OUTAGE = (1.0, 2.5)
+RUN_S = 3.5
+#: Audio and text embeddings come every HOP_S, as the audio encoder's default hop_s.
+HOP_S = 0.5
+#: The node process imports torch and loads the model under the CPU hog: allow it this long.
+START_TIMEOUT_S = 60.0
+
 
 @pytest.fixture
 def cpu_hog():
@@ -376,91 +403,262 @@ def cpu_hog():
         hog.wait()
 
 
-def run_live(h, seconds: float, video_on=lambda e: True, audio_on=lambda e: True, text_on=None,
-             hop_s: float = 0.5) -> tuple:
-    """Publish on the node's clock in real time: video at 30 FPS, audio (and text) every hop_s,
-    each while its *_on(elapsed) says so. Returns ([(video stamp ns, elapsed s)], start time)."""
-    clock = h.fusion.get_clock()
+class FusionProcess:
+    """The fusion node in its own process and, in this one, a client that publishes embeddings and
+    collects outputs (with their reception times) and the node's /diagnostics."""
+
+    def __init__(self, checkpoint: str, modalities: tuple, **params) -> None:
+        self.modalities = modalities
+        args = [sys.executable, '-m', 'affective_trm_ros.nodes.fusion_node', '--ros-args',
+                '-p', f'checkpoint:={checkpoint}', '-p', 'device:=cpu',
+                '-p', f"modalities:=[{','.join(modalities)}]"]
+        for name, value in params.items():
+            args += ['-p', f'{name}:={value}']
+        self.process = subprocess.Popen(args)
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.client = rclpy.create_node('fusion_outage_client', context=self.context)
+        self.clock = self.client.get_clock()
+        self.publishers = {m: self.client.create_publisher(ModalityEmbedding, f'affect/embedding/{m}',
+                                                           LATCHED_QOS if m == TEXT else RELIABLE_QOS)
+                           for m in modalities}
+        self.outputs, self.received_at, self.diagnostics = [], [], []
+        self._lock = threading.Lock()
+        self.client.create_subscription(ValenceArousal, 'affect/valence_arousal', self._on_output,
+                                        RELIABLE_QOS)
+        self.client.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, 10)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.client)
+        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._thread.start()
+        try:
+            # Spinning (its /diagnostics timer ran) and every embedding topic matched.
+            self.wait_until(lambda: self.fusion_status() is not None
+                            and all(p.get_subscription_count() > 0 for p in self.publishers.values())
+                            and self.client.count_publishers('affect/valence_arousal') > 0,
+                            'the fusion node process', START_TIMEOUT_S)
+        except AssertionError:
+            self.close()
+            raise
+
+    def _on_output(self, msg) -> None:
+        with self._lock:
+            self.outputs.append(msg)
+            self.received_at.append(time.monotonic())
+
+    def _on_diagnostics(self, msg) -> None:
+        for status in msg.status:
+            if status.name.endswith('/fusion'):
+                with self._lock:
+                    self.diagnostics.append({kv.key: kv.value for kv in status.values})
+
+    def fusion_status(self):
+        """The fusion node's newest /diagnostics values (None before the first)."""
+        with self._lock:
+            return self.diagnostics[-1] if self.diagnostics else None
+
+    def publish(self, modality: str, stamp_ns: int, vector) -> None:
+        msg = ModalityEmbedding(stream_id='', modality=modality, valid=True,
+                                encoder=f'{ENCODERS[modality]}@unit-test')
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp_ns), NS)
+        msg.header.frame_id = 'camera'
+        msg.data = np.asarray(vector, dtype=np.float32).tolist()
+        self.publishers[modality].publish(msg)
+
+    wait_until = Harness.wait_until
+
+    def wait_outputs(self, count: int, timeout: float = WAIT_S) -> list:
+        self.wait_until(lambda: len(self.outputs) >= count, f'{count} outputs (have {len(self.outputs)})',
+                        timeout)
+        with self._lock:
+            return list(self.outputs)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)      # the node's main() shuts down cleanly
+            try:
+                self.process.wait(10.0)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.executor.shutdown()
+        self._thread.join(5.0)
+        self.client.destroy_node()
+        self.context.try_shutdown()
+
+
+@pytest.fixture
+def fusion_process(checkpoint):
+    made = []
+
+    def make(modalities, **params) -> FusionProcess:
+        made.append(FusionProcess(checkpoint, modalities, **params))
+        return made[-1]
+    yield make
+    for process in made:
+        process.close()
+
+
+@dataclasses.dataclass
+class LiveRun:
+    """What run_live published: stamps (node clock, ns) and when (s after start), per modality."""
+
+    start: float
+    video: list                       # [(stamp ns, elapsed s)]
+    sent: dict                        # modality -> [(stamp ns, elapsed s)] of audio/text
+
+    def elapsed_of(self) -> dict:
+        return dict(self.video)
+
+
+def run_live(h: FusionProcess, seconds: float, video_on=lambda e: True, audio_on=lambda e: True,
+             text_on=None) -> LiveRun:
+    """Publish in real time: video at 30 FPS, audio (and text) every HOP_S on a fixed schedule (a late
+    loop iteration does not shift it), each while its *_on(elapsed) says so."""
     period = 1.0 / 30
-    published = []
-    due = {AUDIO: 0.0, TEXT: 0.0}    # on a fixed schedule: a late loop iteration does not shift it
-    start = time.monotonic()
+    run = LiveRun(time.monotonic(), [], {AUDIO: [], TEXT: []})
+    due = {AUDIO: 0.0, TEXT: 0.0}
     frame = 0
-    while (elapsed := time.monotonic() - start) < seconds:
-        now_ns = clock.now().nanoseconds
+    while (elapsed := time.monotonic() - run.start) < seconds:
+        now_ns = h.clock.now().nanoseconds
         for modality, on in ((AUDIO, audio_on), (TEXT, text_on)):
-            if on is not None and modality in h.fusion._used and elapsed >= due[modality]:
+            if on is not None and modality in h.modalities and elapsed >= due[modality]:
                 if on(due[modality]):
                     h.publish(modality, now_ns, feature(modality, elapsed))
+                    run.sent[modality].append((now_ns, elapsed))
                 while due[modality] <= elapsed:
-                    due[modality] += hop_s
+                    due[modality] += HOP_S
         if video_on(elapsed):
             h.publish(VIDEO, now_ns, feature(VIDEO, elapsed))
-            published.append((now_ns, elapsed))
+            run.video.append((now_ns, elapsed))
         frame += 1
-        time.sleep(max(0.0, start + frame * period - time.monotonic()))
-    return published, start
+        time.sleep(max(0.0, run.start + frame * period - time.monotonic()))
+    return run
+
+
+def timeline(h: FusionProcess, run: LiveRun, outputs: list) -> list:
+    """[(frame elapsed s, latency s = received - published, modalities bits, stamp ns)] per output."""
+    elapsed_of = run.elapsed_of()
+    return [(elapsed_of[stamp_ns(m)], h.received_at[i] - run.start - elapsed_of[stamp_ns(m)], m.modalities,
+             stamp_ns(m)) for i, m in enumerate(outputs)]
+
+
+def between(frames: list, first_ns: float, last_ns: float) -> list:
+    """The frames stamped in [first_ns, last_ns]."""
+    return [f for f in frames if first_ns <= f[3] <= last_ns]
+
+
+def report(test: str, **values) -> None:
+    """AFFECTIVE_OUTAGE_REPORT=<file>: append one JSON line per run (worst latency, recovery times)."""
+    path = os.environ.get('AFFECTIVE_OUTAGE_REPORT')
+    if path:
+        with open(path, 'a') as out:
+            out.write(json.dumps({'test': test, 'cpu_hog': int(os.environ.get('AFFECTIVE_CPU_HOG', '0')),
+                                  **{k: round(v, 4) if isinstance(v, float) else v
+                                     for k, v in values.items()}}) + '\n')
+
+
+def describe(frames: list) -> str:
+    return ', '.join(f'{e:.2f}s->{lat:.2f}s/bits {b}' for e, lat, b, _ in frames[:8])
 
 
 @pytest.mark.parametrize('attempt', range(OUTAGE_REPEATS))
-def test_audio_encoder_dies_and_returns(harness_factory, cpu_hog, attempt):
-    """Real time: audio stops for 1.5 s -> outputs keep coming within 1 s with audio masked,
-    and carry audio again once it returns."""
-    h = harness_factory()
-    audio_off = (1.0, 2.5)      # seconds after start
-    published, start = run_live(h, 3.5, audio_on=lambda e: not audio_off[0] <= e < audio_off[1])
-    outputs = h.wait_outputs(len(published), timeout=5.0)
-    assert [stamp_ns(m) for m in outputs] == [s for s, _ in published]   # one per frame, in order
-    gaps = np.diff(h.received_at)
-    assert gaps.max() < 1.0, f'outputs stalled for {gaps.max():.2f} s'
-    elapsed_of = dict(published)
-    latency = [(h.received_at[i] - start) - elapsed_of[stamp_ns(m)] for i, m in enumerate(outputs)]
-    assert max(latency) < 1.0, f'worst stamp-to-output latency {max(latency):.2f} s'
-    bits = {elapsed_of[stamp_ns(m)]: m.modalities for m in outputs}
-    outage = [b for e, b in bits.items() if audio_off[0] + 0.35 <= e < audio_off[1] - 0.35]
-    assert outage and all(b == 1 for b in outage), 'audio must be masked while its encoder is down'
-    before = [b for e, b in bits.items() if 0.1 <= e < audio_off[0] - 0.3]
-    after = [b for e, b in bits.items() if audio_off[1] + 0.1 <= e < 3.0]
-    assert before and all(b == 3 for b in before)
-    assert after and all(b == 3 for b in after), 'audio must come back when its encoder returns'
-    assert h.fusion._collect_diagnostics()[2]['masked_audio'] >= len(outage)
+def test_audio_encoder_dies_and_returns(fusion_process, cpu_hog, attempt):
+    """Real time, the shipped (nearest) audio policy: audio stops for 1.5 s -> one output per frame
+    throughout, audio masked while it is away, and outputs carry audio again once it returns.
+
+    Latency is measured from a frame's publication to its output's reception. A frame waits for
+    the audio within audio_slop_s of it, at most max_wait_s after its arrival (that is all an audio
+    outage costs), so no output may take longer than max_wait_s + PROCESSING_ALLOWANCE_S.
+    """
+    h = fusion_process((VIDEO, AUDIO))
+    run = run_live(h, RUN_S, audio_on=lambda e: not OUTAGE[0] <= e < OUTAGE[1])
+    outputs = h.wait_outputs(len(run.video), timeout=5.0)
+    assert [stamp_ns(m) for m in outputs] == [s for s, _ in run.video]   # one per frame, in order
+    frames = timeline(h, run, outputs)
+    audio_sent = run.sent[AUDIO]
+    returned_ns, returned_at = next((s, e) for s, e in audio_sent if e >= OUTAGE[1])
+    # Recovery: from the returning audio's publication to the first output that carries it.
+    recovered = min(h.received_at[i] - run.start for i, m in enumerate(outputs)
+                    if m.modalities & 2 and stamp_ns(m) >= returned_ns - SHIPPED.audio_slop_s * NS)
+    bound = SHIPPED.max_wait_s + PROCESSING_ALLOWANCE_S
+    worst = max(frames, key=lambda f: f[1])
+    report('audio', attempt=attempt, worst_latency_s=worst[1], worst_at_s=worst[0],
+           recovery_s=recovered - returned_at, max_gap_s=float(np.diff(h.received_at).max()))
+    late = [f for f in frames if f[1] > bound]
+    assert not late, (f'{len(late)} outputs later than max_wait_s + allowance = {bound:.2f} s '
+                      f'(frame published -> output received): {describe(late)}')
+    # Masked from when the last audio before the outage is out of a frame's slop until the
+    # returning audio is within it (stamps on one clock; tolerance as the aligner's).
+    slop_ns, tolerance_ns = SHIPPED.audio_slop_s * NS, STAMP_TOLERANCE_S * NS
+    last_before_ns = max(s for s, e in audio_sent if e < OUTAGE[0])
+    outage = between(frames, last_before_ns + slop_ns + tolerance_ns, returned_ns - slop_ns - tolerance_ns)
+    assert outage and all(f[2] == 1 for f in outage), 'audio must be masked while its encoder is down'
+    # Every frame from the first audio to the last one + slop has one within its slop
+    # (HOP_S <= 2 * audio_slop_s), and it reaches the node within max_wait_s - audio_slop_s of the
+    # frame, so the frame leaves with audio.
+    assert 2 * SHIPPED.audio_slop_s >= HOP_S
+    before = between(frames, audio_sent[0][0], last_before_ns + slop_ns)
+    after = between(frames, returned_ns, audio_sent[-1][0] + slop_ns)
+    assert before and all(f[2] == 3 for f in before), describe([f for f in before if f[2] != 3])
+    assert after and all(f[2] == 3 for f in after), \
+        f'audio must come back when its encoder returns: {describe([f for f in after if f[2] != 3])}'
+    h.wait_until(lambda: int(h.fusion_status()['masked_audio']) >= len(outage),
+                 'masked_audio in /diagnostics')
 
 
 @pytest.mark.parametrize('attempt', range(OUTAGE_REPEATS))
-def test_video_encoder_dies_and_returns(harness_factory, cpu_hog, attempt):
+def test_video_encoder_dies_and_returns(fusion_process, cpu_hog, attempt):
     """Real time: video stops for 1.5 s -> no estimate while it is away (video clocks the output),
-    estimates again within 1 s of its return."""
-    h = harness_factory(modalities=['video', 'audio'])
-    video_off = (1.0, 2.5)
-    published, start = run_live(h, 3.5, video_on=lambda e: not video_off[0] <= e < video_off[1])
-    h.wait_outputs(len(published), timeout=5.0)
-    received = np.array(h.received_at) - start
-    elapsed_of = dict(published)
-    sources = np.array([elapsed_of[stamp_ns(m)] for m in h.outputs])
-    assert (sources < video_off[0]).any() and (sources >= video_off[1]).any()
-    # nothing but frames from before the outage leaves during it (they may wait max_wait_s)
-    during = received[(received > video_off[0] + 0.6 + 0.3) & (received < video_off[1])]
+    estimates again once it returns: the first returning frame waits at most max_wait_s for its
+    audio, so its output arrives within max_wait_s + PROCESSING_ALLOWANCE_S of the return."""
+    h = fusion_process((VIDEO, AUDIO))
+    run = run_live(h, RUN_S, video_on=lambda e: not OUTAGE[0] <= e < OUTAGE[1])
+    outputs = h.wait_outputs(len(run.video), timeout=5.0)
+    received = np.array(h.received_at) - run.start
+    elapsed_of = run.elapsed_of()
+    sources = np.array([elapsed_of[stamp_ns(m)] for m in outputs])
+    assert (sources < OUTAGE[0]).any() and (sources >= OUTAGE[1]).any()
+    # Frames from before the outage leave within the bound; nothing leaves after that until video returns.
+    bound = SHIPPED.max_wait_s + PROCESSING_ALLOWANCE_S
+    during = received[(received > OUTAGE[0] + bound) & (sources < OUTAGE[1])]
     assert during.size == 0, f'{during.size} estimates while video was away'
-    first_after = received[sources >= video_off[1]].min()
-    resumed = first_after - video_off[1]
-    assert resumed < 1.0, f'estimates resumed {resumed:.2f} s after video returned'
+    returned_at = min(e for _, e in run.video if e >= OUTAGE[1])
+    resumed = received[sources >= OUTAGE[1]].min() - returned_at
+    report('video', attempt=attempt, recovery_s=float(resumed),
+           worst_latency_s=float((received - sources).max()))
+    assert resumed < bound, f'estimates resumed {resumed:.2f} s after video returned (bound {bound:.2f} s)'
 
 
 @pytest.mark.parametrize('attempt', range(OUTAGE_REPEATS))
-def test_text_encoder_dies_and_returns(harness_factory, cpu_hog, attempt):
+def test_text_encoder_dies_and_returns(fusion_process, cpu_hog, attempt):
     """Real time: text stops for 1.5 s -> estimates keep coming, text masked once its last
     embedding is older than text_max_age_s, present again when text returns."""
-    h = harness_factory(modalities=['video', 'text'], text_max_age_s=0.6)
-    text_off = (1.0, 2.5)
-    published, start = run_live(h, 3.5, audio_on=None, text_on=lambda e: not text_off[0] <= e < text_off[1])
-    outputs = h.wait_outputs(len(published), timeout=5.0)
-    assert np.diff(h.received_at).max() < 1.0
-    bits = {e: m.modalities for m, (_, e) in zip(outputs, published)}
-    assert [stamp_ns(m) for m in outputs] == [s for s, _ in published]
-    outage = [b for e, b in bits.items() if text_off[0] + 0.6 + 0.1 <= e < text_off[1] - 0.1]
-    assert outage and all(b == 1 for b in outage), 'text must be masked once it is too old'
-    after = [b for e, b in bits.items() if text_off[1] + 0.25 <= e]
-    assert after and all(b == 1 | 4 for b in after), 'text must come back when its encoder returns'
+    max_age = 0.6
+    h = fusion_process((VIDEO, TEXT), text_max_age_s=max_age)
+    run = run_live(h, RUN_S, audio_on=None, text_on=lambda e: not OUTAGE[0] <= e < OUTAGE[1])
+    outputs = h.wait_outputs(len(run.video), timeout=5.0)
+    assert [stamp_ns(m) for m in outputs] == [s for s, _ in run.video]
+    frames = timeline(h, run, outputs)
+    text_sent = run.sent[TEXT]
+    last_before_ns = max(s for s, e in text_sent if e < OUTAGE[0])
+    returned_ns, returned_at = next((s, e) for s, e in text_sent if e >= OUTAGE[1])
+    recovered = min(h.received_at[i] - run.start for i, m in enumerate(outputs)
+                    if m.modalities & 4 and stamp_ns(m) >= returned_ns)
+    worst = max(frames, key=lambda f: f[1])
+    report('text', attempt=attempt, worst_latency_s=worst[1], recovery_s=recovered - returned_at,
+           max_gap_s=float(np.diff(h.received_at).max()))
+    # Without audio nothing waits: every output is due at once.
+    late = [f for f in frames if f[1] > PROCESSING_ALLOWANCE_S]
+    assert not late, f'{len(late)} outputs later than {PROCESSING_ALLOWANCE_S} s: {describe(late)}'
+    # Masked once the last text is older than max_age (stamps on one clock), until the returning
+    # text; every frame stamped from it on carries text.
+    tolerance_ns = STAMP_TOLERANCE_S * NS
+    outage = between(frames, last_before_ns + max_age * NS + tolerance_ns, returned_ns - 1)
+    assert outage and all(f[2] == 1 for f in outage), 'text must be masked once it is too old'
+    after = between(frames, returned_ns, math.inf)
+    assert after and all(f[2] == 1 | 4 for f in after), \
+        f'text must come back when its encoder returns: {describe([f for f in after if f[2] != 5])}'
 
 
 def test_mismatched_encoder_is_refused_and_reported(harness_factory):
