@@ -426,11 +426,12 @@ def train_models(
     """{'trm': [checkpoint per seed], 'mlp': [...]}; a run is reused when the features (by content)
     and its configuration are unchanged."""
     from affective_trm_ros.offline.learning.data import SessionSource
-    from affective_trm_ros.offline.learning.train import TrainConfig, train
+    from affective_trm_ros.offline.learning.train import TrainConfig
 
     features_hash = SessionSource(store, splits['train'] + splits['val']).digest()
     crop = max(1, int(round(size.crop_s * size.fps)))
-    checkpoints: dict = {'trm': [], 'mlp': []}
+    done_runs: dict = {}
+    pending = []
     for seed in seeds:
         for kind, model_config in (('trm', DEMO_TRM), ('mlp', DEMO_MLP)):
             config = TrainConfig(
@@ -457,26 +458,67 @@ def train_models(
             run_dir = out / 'models' / f'{kind}_seed{seed}_{key}'
             done = run_dir / 'done.json'
             if done.is_file():
-                checkpoints[kind].append(Path(json.loads(done.read_text())['checkpoint']))
-                print(f'      {kind} seed {seed}: reused {checkpoints[kind][-1]}')
-                continue
-            result = train(store, dataclasses.replace(config, out_dir=str(run_dir)))
-            checkpoints[kind].append(Path(result.checkpoint_path))
-            done.write_text(
-                json.dumps(
-                    {
-                        'checkpoint': str(result.checkpoint_path),
-                        'best_step': result.best_step,
-                        'best_val_ccc': result.best_val_ccc,
-                        'seconds': result.seconds,
-                    }
-                )
-            )
-            print(
-                f'      {kind} seed {seed}: best step {result.best_step}, validation CCC '
-                f'{result.best_val_ccc:.3f} ({result.seconds:.0f} s) -> {result.checkpoint_path}'
-            )
-    return checkpoints
+                done_runs[kind, seed] = json.loads(done.read_text())
+                print(f'      {kind} seed {seed}: reused {done_runs[kind, seed]["checkpoint"]}')
+            else:
+                pending.append(((kind, seed), dataclasses.replace(config, out_dir=str(run_dir))))
+    workers = _training_workers(len(pending), device)
+    if workers > 1:
+        print(f'      training {len(pending)} models, {workers} at a time ({TRAINING_THREADS} thread each)')
+        pending = [(job, dataclasses.replace(config, progress=False)) for job, config in pending]
+    for (kind, seed), result in _run_training(store.root, pending, workers):
+        (Path(result['out_dir']) / 'done.json').write_text(json.dumps(result))
+        done_runs[kind, seed] = result
+        print(
+            f'      {kind} seed {seed}: best step {result["best_step"]}, validation CCC '
+            f'{result["best_val_ccc"]:.3f} ({result["seconds"]:.0f} s) -> {result["checkpoint"]}'
+        )
+    return {kind: [Path(done_runs[kind, seed]['checkpoint']) for seed in seeds] for kind in ('trm', 'mlp')}
+
+
+def _training_workers(jobs: int, device: str) -> int:
+    """Training processes at a time: one per available core (each trains with TRAINING_THREADS), one
+    when a GPU trains (one CUDA context) or there is at most one job."""
+    import os
+
+    if jobs <= 1 or not str(device).startswith('cpu'):
+        return 1
+    return max(1, min(jobs, len(os.sched_getaffinity(0)) // TRAINING_THREADS))
+
+
+def _train_job(store_root: str, config) -> dict:
+    """One training run (in a worker process or in this one); what done.json records."""
+    import torch
+
+    from affective_trm_ros.offline.io.feature_store import FeatureStore
+    from affective_trm_ros.offline.learning.train import train
+
+    torch.set_num_threads(TRAINING_THREADS)
+    result = train(FeatureStore(store_root), config)
+    return {
+        'checkpoint': str(result.checkpoint_path),
+        'best_step': result.best_step,
+        'best_val_ccc': result.best_val_ccc,
+        'seconds': result.seconds,
+        'out_dir': config.out_dir,
+    }
+
+
+def _run_training(store_root: Path, jobs: list, workers: int):
+    """Yield ((kind, seed), result) as the runs finish. Each run is seeded and single-threaded, so
+    it gives the same model in a worker process as in this one."""
+    if workers <= 1:
+        for job, config in jobs:
+            yield job, _train_job(str(store_root), config)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context('spawn')  # no fork after torch started its threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_train_job, str(store_root), config): job for job, config in jobs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 @dataclass

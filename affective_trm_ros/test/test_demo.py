@@ -63,3 +63,34 @@ def test_second_run_reuses_every_stage(demo_dir, capsys):
 def test_live_mode_needs_a_trained_checkpoint(tmp_path, capsys):
     assert cli_main(['demo', '--live', '--out', str(tmp_path)]) == 2
     assert 'run `affective-trm demo` first' in capsys.readouterr().err
+
+
+def test_training_in_worker_processes_gives_the_same_models(demo_dir, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from affective_trm_ros import main_job
+    from affective_trm_ros.offline.learning.train import TrainConfig
+
+    store_root = next((demo_dir / 'features').iterdir())
+    ids = sorted(p.stem for p in (store_root / 'sessions').iterdir())
+    splits = {'train': ids[:-1], 'val': ids[-1:], 'test': []}
+    config = TrainConfig(model='trm', model_config=dict(main_job.DEMO_TRM), steps=4, eval_every=2,
+                         batch_size=2, window=8, crop_frames=24, device='cpu', splits=splits,
+                         progress=False, plots=False)
+    jobs = [((kind, 0), dataclasses.replace(config, model=kind, model_config=dict(model_config)))
+            for kind, model_config in (('trm', main_job.DEMO_TRM), ('mlp', main_job.DEMO_MLP))]
+
+    def run(workers, folder):
+        placed = [(job, dataclasses.replace(c, out_dir=str(tmp_path / folder / job[0]))) for job, c in jobs]
+        return dict(main_job._run_training(store_root, placed, workers))
+
+    serial, parallel = run(1, 'serial'), run(2, 'parallel')
+    assert set(serial) == set(parallel) == {('trm', 0), ('mlp', 0)}
+    for job in serial:
+        a = torch.load(serial[job]['checkpoint'], weights_only=False)['state_dict']
+        b = torch.load(parallel[job]['checkpoint'], weights_only=False)['state_dict']
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), job
+        assert serial[job]['best_val_ccc'] == parallel[job]['best_val_ccc']
