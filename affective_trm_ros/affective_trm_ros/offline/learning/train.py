@@ -12,7 +12,8 @@ One loop serves every model kind ('trm', 'seed_trm', 'mlp', 'gru'):
   never over one window (:func:`sequence_loss_backward`);
 * modality dropout (whole modalities hidden for whole windows) so missing inputs are handled;
 * AdamW, linear warm-up then cosine decay over the counted number of steps, gradient clipping,
-  an exponential moving average of the weights (evaluated and saved), bf16 autocast on CUDA;
+  an exponential moving average of the weights (evaluated and saved), bf16 autocast on CUDA for
+  the training steps only (validation runs in fp32, as the fusion node serves);
 * validation every ``eval_every`` steps on every validation session; early stopping on the mean
   of the last ``smoothing`` validation scores; the best (EMA) model is written with
   :func:`~affective_trm_ros.core.checkpoint.save_checkpoint`, with ``history.csv`` and PNG plots;
@@ -567,8 +568,8 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
         if step % eval_every and step != total_steps:
             continue
         eval_model = ema.shadow if ema is not None else model
-        predictions = predict_sessions(eval_model, val_source, val_ids, device, config.eval_batch_size,
-                                       use_bf16)
+        # validated in fp32, the precision the fusion node serves in (bf16 only speeds up training)
+        predictions = predict_sessions(eval_model, val_source, val_ids, device, config.eval_batch_size)
         report = evaluate_predictions(val_source, predictions)
         score = _score(report)
         epoch = len(history) + 1
@@ -630,7 +631,7 @@ def train(store, config: Optional[TrainConfig] = None, **overrides) -> TrainResu
 
         plot_curves(history, out_dir / 'curves.png')
         best = load_checkpoint(checkpoint_path, device=str(device)).model
-        predictions = predict_sessions(best, val_source, val_ids, device, config.eval_batch_size, use_bf16)
+        predictions = predict_sessions(best, val_source, val_ids, device, config.eval_batch_size)
         preds = np.concatenate([va for va, _ in predictions.values()])
         truths = np.concatenate([val_source.arrays(sid)[2] for sid in predictions])
         plot_va_plane(
