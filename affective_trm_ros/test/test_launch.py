@@ -292,6 +292,8 @@ def test_run_command_serves_the_fusion_over_dds(checkpoint, rclpy_context):
         reader.join(5)
     assert code == 0, ''.join(output)
     assert 'running /runtest/fusion' in ''.join(output)
+    for noise in ('Traceback', 'exception was never retrieved', 'Exception in thread'):
+        assert noise not in ''.join(output), ''.join(output)
 
 
 # ---------------------------------------------------------------- parameters: one copy, validate then apply

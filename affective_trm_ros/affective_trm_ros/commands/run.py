@@ -52,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'its decimal point, 0.0 not 0); repeatable')
     parser.add_argument('--config-dir', type=Path, default=None,
                         help='directory of the per-node files <node>.yaml (default: the installed config/)')
-    parser.add_argument('--threads', type=int, default=None, help='executor threads (default: CPU count)')
     parser.add_argument('--dry-run', action='store_true', help='print what would run and exit')
 
 
@@ -76,10 +75,7 @@ def run(args: argparse.Namespace) -> int:
                  else ''))
     if args.dry_run:
         return 0
-    if args.threads is not None and args.threads < 1:
-        print('error: --threads must be >= 1', file=sys.stderr)
-        return 2
 
     from affective_trm_ros.nodes.in_process import run_system
 
-    return run_system(args.config, namespace=args.namespace, threads=args.threads, **kwargs)
+    return run_system(args.config, namespace=args.namespace, **kwargs)

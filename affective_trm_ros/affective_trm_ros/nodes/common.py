@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Optional
@@ -18,7 +20,7 @@ from typing import Optional
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
@@ -26,7 +28,7 @@ from affective_trm_ros.core.runtime_stats import BoundedWorker, LatencyWindow, R
 
 __all__ = ['LATCHED_QOS', 'RELIABLE_QOS', 'SENSOR_QOS', 'BoundedWorker', 'Diagnostics', 'LatencyWindow',
            'ParameterView', 'RateMeter', 'ThrottledWarning', 'add_validator', 'declare', 'run_node',
-           'spin_nodes', 'startup_logger_name']
+           'spin_nodes', 'NodeThreads', 'startup_logger_name']
 
 # ---------------------------------------------------------------- QoS
 
@@ -194,6 +196,36 @@ def spin_nodes(nodes: Iterable[Node], num_threads: Optional[int] = None,
             node.destroy_node()
         if rclpy.ok():
             rclpy.try_shutdown()
+
+
+class NodeThreads:
+    """Each node on its own single-threaded executor in its own thread (several nodes in one
+    process: an encoder's callbacks never wait behind another node's, and no multi-threaded
+    executor re-submits queued callbacks). :meth:`stop` shuts the executors down and joins the
+    threads: afterwards none of the nodes' callbacks is still running."""
+
+    def __init__(self, nodes: Iterable[Node], context=None) -> None:
+        self._executors, self._threads = [], []
+        for node in nodes:
+            executor = SingleThreadedExecutor(context=context)
+            executor.add_node(node)
+            thread = threading.Thread(target=self._spin, args=(executor,), name=f'spin_{node.get_name()}',
+                                      daemon=True)
+            self._executors.append(executor)
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _spin(executor) -> None:
+        with contextlib.suppress(ExternalShutdownException):  # the context was shut down (Ctrl-C)
+            executor.spin()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for executor in self._executors:
+            executor.shutdown()
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
 
 
 def startup_logger_name(argv: Sequence[str], default: str) -> str:

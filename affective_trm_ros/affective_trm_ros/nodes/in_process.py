@@ -54,14 +54,16 @@ def create_nodes(config=None, *, namespace: str = '', context=None, **plan_kwarg
     return [built[index] for index in range(len(steps))]
 
 
-def run_system(config=None, *, namespace: str = '', threads=None, **plan_kwargs) -> int:
-    """Start the nodes of :func:`~affective_trm_ros.system.plan` in this process and spin them until
-    Ctrl-C; returns the exit status (0, 1 when a node failed to start, 130 on Ctrl-C during start-up)."""
+def run_system(config=None, *, namespace: str = '', **plan_kwargs) -> int:
+    """Start the nodes of :func:`~affective_trm_ros.system.plan` in this process, each on its own
+    single-threaded executor thread, until Ctrl-C; returns the exit status (0, 1 when a node failed
+    to start, 130 on Ctrl-C during start-up)."""
     import sys
+    import threading
 
     import rclpy
 
-    from affective_trm_ros.nodes.common import spin_nodes
+    from affective_trm_ros.nodes.common import NodeThreads
 
     rclpy.init()
     try:
@@ -75,5 +77,17 @@ def run_system(config=None, *, namespace: str = '', threads=None, **plan_kwargs)
         return 1
     print(f"running {', '.join(node.get_fully_qualified_name() for node in nodes)} (Ctrl-C to stop)",
           flush=True)
-    spin_nodes(nodes, num_threads=threads)
+    spinning = NodeThreads(nodes)
+    stopped = threading.Event()
+    rclpy.get_default_context().on_shutdown(stopped.set)
+    try:
+        while rclpy.ok() and not stopped.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        spinning.stop()
+        for node in nodes:
+            node.destroy_node()
+        rclpy.try_shutdown()
     return 0

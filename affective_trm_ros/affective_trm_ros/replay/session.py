@@ -9,7 +9,6 @@ estimate; :mod:`affective_trm_ros.replay.report` turns the record into the repor
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -164,16 +163,16 @@ def play_through_nodes(bag_path: Path, checkpoint: Path, plan: ReplayPlan, optio
     """Build the nodes and the driver in a private context, play the bag, return the ReplayRecord."""
     import psutil
     import rclpy
-    from rclpy.executors import SingleThreadedExecutor
     from tqdm import tqdm
 
+    from affective_trm_ros.nodes.common import NodeThreads
     from affective_trm_ros.nodes.in_process import create_nodes
     from affective_trm_ros.replay.driver import ReplayDriver, ReplayInput
 
     process = psutil.Process()
     context = rclpy.Context()
     rclpy.init(context=context)
-    nodes, executors, threads, driver = [], [], [], None
+    nodes, spinning, driver = [], None, None
     try:
         nodes = create_nodes(options.config, context=context, modalities=','.join(plan.modalities),
                              checkpoint=str(checkpoint), device=options.device, use_sim_time=True,
@@ -187,16 +186,10 @@ def play_through_nodes(bag_path: Path, checkpoint: Path, plan: ReplayPlan, optio
                               record_embeddings=options.record_embeddings, timeout_s=options.timeout_s,
                               memory_probe=lambda: process.memory_info().rss / 2 ** 20,
                               node_clocks=[node.get_clock() for node in nodes])
-        # One single-threaded executor per node (inference runs in the nodes' own threads): once an
-        # executor is shut down and its thread joined, none of its callbacks is still running, so
-        # the nodes are destroyed with nothing in flight.
-        for node in [*nodes, driver]:
-            executor = SingleThreadedExecutor(context=context)
-            executor.add_node(node)
-            executors.append(executor)
-            thread = threading.Thread(target=executor.spin, name=f'spin_{node.get_name()}', daemon=True)
-            thread.start()
-            threads.append(thread)
+        # One single-threaded executor per node (inference runs in the nodes' own threads): once
+        # they are stopped, none of the nodes' callbacks is still running, so the nodes are
+        # destroyed with nothing in flight.
+        spinning = NodeThreads([*nodes, driver], context=context)
         driver.wait_for_nodes()
         role_of = {topic: role for role, (topic, _) in plan.inputs.items()}
         bar = tqdm(total=plan.frame_count, desc=f'replay {bag_path.name}', unit='frame',
@@ -207,10 +200,8 @@ def play_through_nodes(bag_path: Path, checkpoint: Path, plan: ReplayPlan, optio
             record = driver.play(messages, realtime=options.realtime, rate=options.rate, progress=bar.update)
         bar.close()
     finally:
-        for executor in executors:
-            executor.shutdown()
-        for thread in threads:
-            thread.join(timeout=10)
+        if spinning is not None:
+            spinning.stop()
         for node in nodes:
             node.destroy_node()
         if driver is not None:
