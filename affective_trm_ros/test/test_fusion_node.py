@@ -2,8 +2,9 @@
 
 Expected values come from the checkpoint's model stepped by hand (never from FusionPredictor, which
 the node serves through). The real-time outage tests run once by default; set
-AFFECTIVE_OUTAGE_REPEATS=20 to repeat each, and AFFECTIVE_CPU_HOG=2 to keep two busy-loop processes
-running meanwhile (both cores busy).
+AFFECTIVE_OUTAGE_REPEATS=20 to repeat each, AFFECTIVE_CPU_HOG=2 to keep two busy-loop processes
+running meanwhile (both cores busy), and AFFECTIVE_OUTAGE_REPORT=<file> to append each run's worst
+latency and recovery time to a JSON-lines file.
 """
 
 import dataclasses
@@ -386,8 +387,9 @@ PROCESSING_ALLOWANCE_S = 0.4
 #: Outage schedule (seconds after the start of publishing) and the run length.
 OUTAGE = (1.0, 2.5)
 RUN_S = 3.5
-#: Audio and text embeddings come every HOP_S, as the audio encoder's default hop_s.
+#: Audio and text embeddings come every HOP_S, as the audio encoder's default hop_s; video at 30 FPS.
 HOP_S = 0.5
+FRAME_PERIOD_S = 1.0 / 30
 #: The node process imports torch and loads the model under the CPU hog: allow it this long.
 START_TIMEOUT_S = 60.0
 
@@ -515,7 +517,7 @@ def run_live(h: FusionProcess, seconds: float, video_on=lambda e: True, audio_on
              text_on=None) -> LiveRun:
     """Publish in real time: video at 30 FPS, audio (and text) every HOP_S on a fixed schedule (a late
     loop iteration does not shift it), each while its *_on(elapsed) says so."""
-    period = 1.0 / 30
+    period = FRAME_PERIOD_S
     run = LiveRun(time.monotonic(), [], {AUDIO: [], TEXT: []})
     due = {AUDIO: 0.0, TEXT: 0.0}
     frame = 0
@@ -588,6 +590,12 @@ def test_audio_encoder_dies_and_returns(fusion_process, cpu_hog, attempt):
     late = [f for f in frames if f[1] > bound]
     assert not late, (f'{len(late)} outputs later than max_wait_s + allowance = {bound:.2f} s '
                       f'(frame published -> output received): {describe(late)}')
+    # The first frame stamped after returned - audio_slop_s arrived one frame period after that at
+    # most and leaves with the returning audio at its max_wait_s: that is the recovery physics.
+    recovery_bound = SHIPPED.max_wait_s - SHIPPED.audio_slop_s + FRAME_PERIOD_S + PROCESSING_ALLOWANCE_S
+    recovery = recovered - returned_at
+    assert recovery <= recovery_bound, \
+        f'audio reached the outputs {recovery:.2f} s after it returned (bound {recovery_bound:.2f} s)'
     # Masked from when the last audio before the outage is out of a frame's slop until the
     # returning audio is within it (stamps on one clock; tolerance as the aligner's).
     slop_ns, tolerance_ns = SHIPPED.audio_slop_s * NS, STAMP_TOLERANCE_S * NS
