@@ -84,8 +84,8 @@ class DemoSize:
     crop_s: float  # each step trains on a random crop of this many seconds of every session
 
 
-# Sized for about 15 minutes on a 2-core CPU (16.3 min measured from a fresh clone with another job
-# running; see docs/replay_and_demo.md).
+# Sized to stay well inside 15 minutes on a 2-core CPU (7.4 min measured on a clone of main with
+# light jobs beside it; see docs/replay_and_demo.md).
 # --quick is for the end-to-end test.
 SIZES = {
     'default': DemoSize(
