@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from affective_trm_ros.core.checkpoint import load_checkpoint
-from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoint, resolve_split, write_report
+from affective_trm_ros.offline.evaluation.evaluate import evaluate_checkpoints, resolve_split, write_report
 from affective_trm_ros.offline.io.feature_store import FeatureStore
 from affective_trm_ros.offline.learning.data import SessionSource, collate, input_statistics, modality_dropout
 from affective_trm_ros.offline.learning.train import TrainConfig, build_model, lr_factor, train
@@ -128,7 +128,7 @@ def test_statistics_skip_masked_frames(store):
 
 
 def test_evaluation_report_files_and_numbers(trained, store, tmp_path):
-    report = evaluate_checkpoint(trained.checkpoint_path, store, 'test', out_dir=tmp_path / 'eval')
+    report = evaluate_checkpoints([trained.checkpoint_path], store, 'test', out_dir=tmp_path / 'eval')
     assert report['split_origin'] == "the checkpoint's test split"
     assert report['sessions'] == len(trained.splits['test'])
     loaded = load_checkpoint(trained.checkpoint_path)
@@ -158,7 +158,7 @@ def test_evaluation_report_files_and_numbers(trained, store, tmp_path):
 def test_evaluation_refuses_other_encoders(trained, tmp_path):
     other = FeatureStore(tmp_path / 'other', encoder_spec=[SPEC[0], dict(SPEC[1], encoder='another_video')])
     with pytest.raises(ValueError, match='another_video'):
-        evaluate_checkpoint(trained.checkpoint_path, other, 'all')
+        evaluate_checkpoints([trained.checkpoint_path], other, 'all')
 
 
 def test_split_resolution(trained, store):

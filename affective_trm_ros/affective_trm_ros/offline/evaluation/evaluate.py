@@ -74,22 +74,6 @@ def resolve_split(split: Union[str, list], store, metadata: dict) -> tuple:
     return splits[split], f'{split} split recomputed on this store'
 
 
-def evaluate_checkpoint(
-    checkpoint,
-    store,
-    split: Union[str, list] = 'test',
-    *,
-    device: str = 'cpu',
-    out_dir=None,
-    batch_size: int = 64,
-    max_timeseries: int = DEFAULT_MAX_TIMESERIES,
-) -> dict:
-    """Metrics of one ``checkpoint`` (path or LoadedCheckpoint) on ``split`` of ``store``
-    (:func:`evaluate_checkpoints` with one checkpoint)."""
-    return evaluate_checkpoints([checkpoint], store, split, device=device, out_dir=out_dir,
-                                batch_size=batch_size, max_timeseries=max_timeseries)
-
-
 def evaluate_checkpoints(
     checkpoints: Sequence,
     store,
