@@ -1,8 +1,8 @@
 """The main job (`affective-trm demo`), end to end on this machine (no GPU, no network needed).
 
 1. generates seeded sample sessions (rosbag2 MCAP: camera, microphone, speech, ground truth):
-   training and validation sessions in the training voices and sentences, and held-out sessions
-   spoken in voices and sentences that training never saw;
+   training, validation and held-out sessions, each role with its own voices and sentences (model
+   selection and the final score both hear speech that training never heard);
 2. prepares aligned features from the training and validation bags through the nodes' code;
 3. trains the stateful TRM and the memoryless MLP baseline, once per training seed;
 4. replays every held-out session through the real ROS 2 nodes (encoders + fusion, simulated
@@ -286,17 +286,21 @@ def _file_digest(path: Path) -> str:
 
 
 def session_plans(size: DemoSize, seed: int, people: int = 1) -> list:
-    """[(bag name, role 'train' | 'val' | 'heldout', SessionConfig)]: training voices and sentences for
-    training and validation, held-out voices and sentences for the held-out sessions."""
+    """[(bag name, role 'train' | 'val' | 'heldout', SessionConfig)]: each role with its own voices and
+    sentences, so model selection (validation) and the final score (held-out) both measure speech
+    that training never heard."""
     from affective_trm_ros.offline.synthetic.sample_sessions import (
         HELDOUT_VOICES,
         TRAINING_VOICES,
+        VALIDATION_VOICES,
         SessionConfig,
     )
 
+    voices_of = {'train': TRAINING_VOICES, 'val': VALIDATION_VOICES, 'heldout': HELDOUT_VOICES}
+
     def config(role: str, session_seed: int, index: int, duration: float) -> SessionConfig:
         heldout = role == 'heldout'
-        voices = HELDOUT_VOICES if heldout else TRAINING_VOICES
+        voices = voices_of[role]
         return SessionConfig(
             duration_s=duration,
             seed=session_seed,
@@ -304,7 +308,7 @@ def session_plans(size: DemoSize, seed: int, people: int = 1) -> list:
             segment_s=min(25.0, max(4.0, duration / 4)),
             occlusion_fraction=OCCLUSION_FRACTION,
             voice=voices[index % len(voices)],
-            sentence_set='heldout' if heldout else 'train',
+            sentence_set=role,
             people=people if heldout else 1,
             variety=True,
         )
@@ -316,7 +320,7 @@ def session_plans(size: DemoSize, seed: int, people: int = 1) -> list:
         ('heldout', size.heldout_sessions, HELDOUT_SEED + seed, size.heldout_s),
     ):
         for index in range(count):
-            cfg = config(role, first + index, index + (size.train_sessions if role == 'val' else 0), duration)
+            cfg = config(role, first + index, index, duration)
             people_tag = f'_{cfg.people}p' if cfg.people > 1 else ''
             name = f'{role}_{cfg.seed:04d}_{duration:g}s_{size.fps:g}fps{people_tag}'
             plans.append((name, role, cfg))
@@ -873,9 +877,10 @@ def write_demo_report(directory: Path, report: dict) -> dict:
             '',
             '# Main job: held-out sessions',
             '',
-            f'{sizes["train_sessions"]} training and {sizes["val_sessions"]} validation sessions '
-            f'(training voices and sentences), {sizes["heldout_sessions"]} held-out sessions (voices and '
-            f'sentences never seen in training), {sizes["fps"]:g} FPS; mean ± sd over {report["seeds"]} '
+            f'{sizes["train_sessions"]} training, {sizes["val_sessions"]} validation and '
+            f'{sizes["heldout_sessions"]} held-out sessions (each with its own voices and sentences: '
+            f'validation and held-out speech never heard in training), {sizes["fps"]:g} FPS; '
+            f'mean ± sd over {report["seeds"]} '
             'training seeds; the CI resamples sessions (bootstrap, 1000 draws). The TRM through the nodes is '
             'what the fusion node published; the other rows run on the embeddings the nodes published.',
             '',

@@ -193,12 +193,20 @@ def test_generate_command_writes_sessions(tmp_path, capsys):
     assert cli_main(['generate', str(tmp_path), '--duration', '4', '--seed', '3', '--quiet']) == 1
 
 
-def test_heldout_sentences_and_voices_never_appear_in_training():
+def test_training_validation_and_heldout_sentences_and_voices_are_disjoint():
     train = {s for bank in ss.SENTENCES.values() for s in bank}
+    val = {s for bank in ss.VALIDATION_SENTENCES.values() for s in bank}
     heldout = {s for bank in ss.HELDOUT_SENTENCES.values() for s in bank}
-    assert len(heldout) >= 16 and not train & heldout
-    assert set(ss.HELDOUT_SENTENCES) == set(ss.SENTENCES)  # every quadrant has held-out sentences
-    assert not set(ss.TRAINING_VOICES) & set(ss.HELDOUT_VOICES) and len(ss.TRAINING_VOICES) >= 3
+    assert len(heldout) >= 16 and len(val) >= 16
+    assert not train & heldout and not train & val and not val & heldout
+    # every quadrant has sentences in every set
+    assert set(ss.HELDOUT_SENTENCES) == set(ss.VALIDATION_SENTENCES) == set(ss.SENTENCES)
+    voices = [set(ss.TRAINING_VOICES), set(ss.VALIDATION_VOICES), set(ss.HELDOUT_VOICES)]
+    assert all(not a & b for i, a in enumerate(voices) for b in voices[i + 1:])
+    # a voice differs by its language, not only by its variant
+    languages = [{v.split('+')[0] for v in group} for group in voices]
+    assert all(not a & b for i, a in enumerate(languages) for b in languages[i + 1:])
+    assert len(ss.TRAINING_VOICES) >= 3
     with pytest.raises(ValueError, match='sentence_set'):
         ss.SessionConfig(sentence_set='other')
     with pytest.raises(ValueError, match='people'):

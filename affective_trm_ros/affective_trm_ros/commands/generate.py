@@ -7,7 +7,9 @@ import time
 
 from affective_trm_ros.offline.synthetic.sample_sessions import (
     HELDOUT_VOICES,
+    SENTENCE_SETS,
     TRAINING_VOICES,
+    VALIDATION_VOICES,
     SessionConfig,
     SpeechSynthesisError,
     espeak_available,
@@ -35,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='share of the time a hand covers the mouth or the eyes')
     parser.add_argument('--voice', default=defaults.voice,
                         help=f'espeak-ng voice (default: {defaults.voice}; training voices: '
-                             f"{', '.join(TRAINING_VOICES)}; held-out voices: {', '.join(HELDOUT_VOICES)})")
-    parser.add_argument('--sentence-set', choices=('train', 'heldout'), default=defaults.sentence_set,
-                        help='sentence bank: training or held-out sentences (no sentence is in both)')
+                             f"{', '.join(TRAINING_VOICES)}; validation voices: "
+                             f"{', '.join(VALIDATION_VOICES)}; held-out voices: {', '.join(HELDOUT_VOICES)})")
+    parser.add_argument('--sentence-set', choices=tuple(SENTENCE_SETS), default=defaults.sentence_set,
+                        help='sentence bank: training, validation or held-out sentences (no sentence is in '
+                             'two of them)')
     parser.add_argument('--people', type=int, default=defaults.people,
                         help='faces side by side, each with its own script; ground truth per stream_id '
                              "(face_0, face_1, ... left to right; 'default' for one person)")

@@ -96,9 +96,11 @@ TEETH_RGB = (235, 230, 220)
 # --- speech ---
 ESPEAK = 'espeak-ng'
 ESPEAK_VOICE = 'en-us'
-# espeak-ng voices (language + variant). Training sessions use the first set; held-out sessions
-# the second, so held-out speech comes from a voice that training never heard.
+# espeak-ng voices (language + variant). Training sessions use the first set, validation sessions
+# the second and held-out sessions the third: model selection and the final score both hear
+# voices that training never heard, and never each other's.
 TRAINING_VOICES = ('en-us', 'en-gb+f2', 'en-029+m3', 'en-us-nyc+f3', 'en-gb-x-rp+m5')
+VALIDATION_VOICES = ('en-gb-x-gbcwmd+f1', 'en-gb-x-gbcwmd+m4')
 HELDOUT_VOICES = ('en-gb-scotland+f4', 'en-gb-x-gbclan+m2')
 CHUNK_SAMPLES = 1024      # audio message size, as audio_capture publishes by default
 ASR_LATENCY_S = 0.3       # a recogniser publishes the sentence shortly after it ends
@@ -149,7 +151,26 @@ HELDOUT_SENTENCES = {
                'I lost again, and I feel hopeless.',
                'Another dull, gloomy and lonely evening.'],
 }
-SENTENCE_SETS = {'train': SENTENCES, 'heldout': HELDOUT_SENTENCES}
+# Validation sentences: in neither of the sets above.
+VALIDATION_SENTENCES = {
+    (1, 1): ['Fantastic, the results are in and we are the winners!',
+             'I am bursting with joy, what a party!',
+             'Brilliant, you made it, I am so excited to see you!',
+             'This concert is incredible, I love every second!'],
+    (1, -1): ['A quiet morning with coffee, how nice.',
+              'I feel safe and relaxed by the fire.',
+              'The lake is still and I am at ease.',
+              'We had a slow, pleasant lunch together.'],
+    (-1, 1): ['This is ridiculous, I have had enough!',
+              'Run, the dog is loose and it is coming!',
+              'You ruined everything, I am so mad!',
+              'Make it stop, this noise is unbearable!'],
+    (-1, -1): ['I feel heavy and sad this morning.',
+               'There is nothing left to look forward to.',
+               'The rain will not stop and I feel low.',
+               'I failed the test and I feel miserable.'],
+}
+SENTENCE_SETS = {'train': SENTENCES, 'val': VALIDATION_SENTENCES, 'heldout': HELDOUT_SENTENCES}
 
 
 class SpeechSynthesisError(RuntimeError):
@@ -172,7 +193,7 @@ class SessionConfig:
     occlusion_fraction: float = 0.0  # share of the time a hand covers the mouth or the eyes
     speech_fraction: float = 0.55    # share of the time someone speaks
     voice: str = ESPEAK_VOICE        # espeak-ng voice (e.g. 'en-gb+f2')
-    sentence_set: str = 'train'      # 'train' | 'heldout'
+    sentence_set: str = 'train'      # 'train' | 'val' | 'heldout'
     people: int = 1                  # faces side by side, each with its own script
     variety: bool = False            # per-session scale, mirroring, tint and speaking style
     storage: str = 'mcap'
