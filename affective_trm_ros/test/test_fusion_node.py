@@ -382,7 +382,8 @@ def test_checkpoint_audio_policy_mismatch_is_reported(tmp_path, rclpy_context):
 SHIPPED = AlignmentConfig()
 #: What an output may take beyond the wait the alignment policy prescribes: DDS delivery into the
 #: node and back, the hand-over to the inference thread, the model step and the publish. Measured
-#: with the node in its own process and two busy processes beside it: at most 0.36 s in 24 runs.
+#: with the node in its own process, two busy processes beside it and other work on the machine:
+#: typically under 0.1 s, at most 0.37 s in 62 of 64 audio-outage runs (the others: 0.41, 0.43 s).
 PROCESSING_ALLOWANCE_S = 0.4
 #: Outage schedule (seconds after the start of publishing) and the run length.
 OUTAGE = (1.0, 2.5)
