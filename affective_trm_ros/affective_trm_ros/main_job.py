@@ -64,8 +64,9 @@ OCCLUSION_FRACTION = 0.04
 DEMO_TRM = {'hidden_size': 64, 'num_heads': 2, 'num_layers': 1, 'h_cycles': 1, 'l_cycles': 1}
 DEMO_MLP = {'hidden_size': 128}
 # Share of (window, stream, modality) hidden in training, both models. With six training sessions
-# the TRM overfits their sentences and voices at the default 0.15; 0.3 was better on held-out
-# sessions for both models in the sweep in docs/training.md.
+# the TRM overfits their sentences and voices at the default 0.15; 0.3 scored best on the
+# validation sessions (their own voices and sentences) for both models in the sweep in
+# docs/training.md.
 DEMO_MODALITY_DROPOUT = 0.3
 
 
