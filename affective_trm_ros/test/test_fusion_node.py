@@ -384,7 +384,8 @@ SHIPPED = AlignmentConfig()
 #: What an output may take beyond the wait the alignment policy prescribes: DDS delivery into the
 #: node and back, the hand-over to the inference thread, the model step and the publish. Measured
 #: with the node in its own process, two busy processes beside it and other work on the machine:
-#: typically under 0.1 s, at most 0.37 s in 62 of 64 audio-outage runs (the others: 0.41, 0.43 s).
+#: typically under 0.1 s, at most 0.37 s in 62 of 64 audio-outage runs; the other two (0.41, 0.43 s)
+#: were full garbage collections, now frozen out (20 runs since: at most 0.07 s).
 PROCESSING_ALLOWANCE_S = 0.4
 #: Outage schedule (seconds after the start of publishing) and the run length.
 OUTAGE = (1.0, 2.5)
