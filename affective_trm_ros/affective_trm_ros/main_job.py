@@ -107,7 +107,7 @@ SIZES = {
         session_s=12.0,
         heldout_s=5.0,
         fps=10.0,
-        steps=30,
+        steps=45,  # 30 left the TRM at validation CCC 0.03 on the unseen validation voice; 45: 0.42
         seeds=1,
         crop_s=8.0,
     ),
