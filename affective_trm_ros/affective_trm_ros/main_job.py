@@ -85,8 +85,8 @@ class DemoSize:
     crop_s: float  # each step trains on a random crop of this many seconds of every session
 
 
-# Sized to stay well inside 15 minutes on a 2-core CPU (7.4 min measured on a clone of main with
-# light jobs beside it; see docs/replay_and_demo.md).
+# Sized to stay well inside 15 minutes on a 2-core CPU (6.7 min measured on a clone of main; see
+# docs/replay_and_demo.md).
 # --quick is for the end-to-end test.
 SIZES = {
     'default': DemoSize(
