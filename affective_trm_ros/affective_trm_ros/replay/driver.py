@@ -263,7 +263,8 @@ class ReplayDriver(Node):
         self._clock_pub.publish(msg)
 
     def _wait(self, done: Callable[[], bool], what: str, clock_ns: int,
-              retry: Optional[Callable[[], None]] = None, retry_after_s: float = math.inf) -> None:
+              retry: Optional[Callable[[], None]] = None, retry_after_s: float = math.inf,
+              missing: Optional[Callable[[], str]] = None) -> None:
         """Wait (re-sending /clock) until ``done()``; ``retry()`` once per ``retry_after_s``."""
         started = time.monotonic()
         last_retry = started
@@ -271,7 +272,8 @@ class ReplayDriver(Node):
             while not done():
                 now = time.monotonic()
                 if now - started > self._timeout_s:
-                    raise ReplayError(f'no {what} within {self._timeout_s:.0f} s')
+                    detail = f' ({missing()})' if missing is not None else ''
+                    raise ReplayError(f'no {what} within {self._timeout_s:.0f} s{detail}')
                 if retry is not None and now - last_retry > retry_after_s:
                     retry()
                     last_retry = now
@@ -306,12 +308,17 @@ class ReplayDriver(Node):
                 # or, when its executor is a little behind the driver's, at the clock of the next
                 # message: that later one bounds the deadline, so the driver never holds the clock
                 # for a frame the fusion may rightly still keep.
+                # Frames with several faces are waited for only at the end: the driver waits for a
+                # frame's first face embedding, and the fusion may take the others after later clocks
+                # than the driver can know, so their deadlines cannot be bounded here.
                 frames = [(f, clock_ns if at is None else at) for f, at in frames]
                 due_ns = clock_ns - self._max_wait_ns
-                self._wait(lambda pending=frames, due=due_ns: all(f in self._output_stamps
-                                                                  for f, at in pending if at <= due),
+                self._wait(lambda pending=frames, due=due_ns: all(
+                    f in self._output_stamps or len(self._video_streams[f]) > 1
+                    for f, at in pending if at <= due),
                            'ValenceArousal for the frames due by the fusion policy (is the fusion node '
-                           'running?)', clock_ns)
+                           'running?)', clock_ns,
+                           missing=lambda pending=frames, due=due_ns: self._unanswered(pending, due))
                 frames = [(f, at) for f, at in frames if f not in self._output_stamps]
                 # Every node takes this /clock before the message: arrival times on the nodes'
                 # clocks, hence text stamps and the fusion's release rounds, never depend on
@@ -357,6 +364,13 @@ class ReplayDriver(Node):
         if self._memory_probe:
             record.memory_mb.append((record.frames_published, self._memory_probe()))
         return record
+
+    def _unanswered(self, pending: list, due_ns: int) -> str:
+        """The due frames still without an estimate, with the faces seen and answered (for errors)."""
+        return '; '.join(f'frame {f / 1e9:.3f} s: faces {sorted(self._video_streams[f])}, answered '
+                         f'{sorted(self._answered[f])}' for f, at in pending
+                         if at <= due_ns and f not in self._output_stamps
+                         and len(self._video_streams[f]) <= 1)[:2000]
 
     def _settle_clocks(self, clock_ns: int, role: str) -> None:
         """Wait until the nodes' clocks read ``clock_ns`` (see ``node_clocks``)."""
