@@ -11,8 +11,9 @@ log-time order, each preceded by ``/clock`` = its log time, so nodes running wit
   Before each message it waits until every frame published before ``clock - max_wait`` has its
   ``ValenceArousal`` — due by the fusion policy, which measures the wait from a frame's arrival —
   which bounds the frames in flight, and (nodes in this process) until every node's clock reads
-  the new ``/clock``. At the end the clock is advanced past the last frame + ``max_wait`` so the
-  last frames are released.
+  the new ``/clock``; frames with several faces only at the end (the fusion may take a later face
+  after clocks the driver cannot know). At the end the clock is advanced past the last frame +
+  ``max_wait`` so the last frames are released.
 * **real time** (``rate`` x wall clock): messages leave on schedule and nothing is waited for;
   nodes that cannot keep up drop frames as they would live, and the coverage shows it.
 
