@@ -314,12 +314,12 @@ class ReplayDriver(Node):
                 # than the driver can know, so their deadlines cannot be bounded here.
                 frames = [(f, clock_ns if at is None else at) for f, at in frames]
                 due_ns = clock_ns - self._max_wait_ns
-                self._wait(lambda pending=frames, due=due_ns: all(
-                    f in self._output_stamps or len(self._video_streams[f]) > 1
-                    for f, at in pending if at <= due),
+                def unanswered(pending=frames, due=due_ns) -> list:
+                    return self._unanswered(pending, due)
+
+                self._wait(lambda: not unanswered(),
                            'ValenceArousal for the frames due by the fusion policy (is the fusion node '
-                           'running?)', clock_ns,
-                           missing=lambda pending=frames, due=due_ns: self._unanswered(pending, due))
+                           'running?)', clock_ns, missing=lambda: self._describe(unanswered()))
                 frames = [(f, at) for f, at in frames if f not in self._output_stamps]
                 # Every node takes this /clock before the message: arrival times on the nodes'
                 # clocks, hence text stamps and the fusion's release rounds, never depend on
@@ -366,12 +366,15 @@ class ReplayDriver(Node):
             record.memory_mb.append((record.frames_published, self._memory_probe()))
         return record
 
-    def _unanswered(self, pending: list, due_ns: int) -> str:
-        """The due frames still without an estimate, with the faces seen and answered (for errors)."""
+    def _unanswered(self, pending: list, due_ns: int) -> list:
+        """The one-face frames of ``pending`` due by ``due_ns`` still without their estimate."""
+        return [f for f, at in pending
+                if at <= due_ns and f not in self._output_stamps and len(self._video_streams[f]) <= 1]
+
+    def _describe(self, frames: list) -> str:
+        """The frames with the faces seen and answered (for errors)."""
         return '; '.join(f'frame {f / 1e9:.3f} s: faces {sorted(self._video_streams[f])}, answered '
-                         f'{sorted(self._answered[f])}' for f, at in pending
-                         if at <= due_ns and f not in self._output_stamps
-                         and len(self._video_streams[f]) <= 1)[:2000]
+                         f'{sorted(self._answered[f])}' for f in frames)[:2000]
 
     def _settle_clocks(self, clock_ns: int, role: str) -> None:
         """Wait until the nodes' clocks read ``clock_ns`` (see ``node_clocks``)."""
